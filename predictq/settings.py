@@ -1,0 +1,310 @@
+"""One typed, frozen settings object, read from the environment when a process starts.
+
+Nothing here runs at import time: workers build ``Settings.from_env()`` when the
+Celery app is configured, producers when a client is created. Every duration and
+size carries its unit in its name. Invalid values raise ``ConfigError`` naming
+the variable and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar, get_args
+
+from predictq.errors import ConfigError
+
+ENV_PREFIX = "PREDICTQ_"
+
+Device = Literal["auto", "cpu", "gpu"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+T = TypeVar("T")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every predictq setting; the environment variable is ``PREDICTQ_<FIELD NAME>``."""
+
+    # --- Connections -------------------------------------------------------
+    broker_url: str = field(
+        default="redis://localhost:6379/0",
+        metadata={"help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL."},
+    )
+    result_backend: str = field(
+        default="redis://localhost:6379/1",
+        metadata={"help": "Redis result backend URL (results are stored here)."},
+    )
+    queue: str = field(default="predictq", metadata={"help": "Queue the jobs travel through."})
+
+    # --- Model -------------------------------------------------------------
+    model_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to serve: .keras file, SavedModel directory or legacy .h5."},
+    )
+    model_imports: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Comma-separated modules imported before loading (custom layers)."},
+    )
+    allow_nonfinite: bool = field(
+        default=False, metadata={"help": "Accept NaN/Inf in inputs (rejected by default)."}
+    )
+
+    # --- Batching and worker pool ------------------------------------------
+    max_batch_size: int = field(
+        default=256, metadata={"help": "Samples per device call; larger jobs are split."}
+    )
+    batch_wait_ms: float = field(
+        default=2.0,
+        metadata={
+            "help": "Longest wait for more jobs after the first one, while more are on the way."
+        },
+    )
+    worker_concurrency: int = field(
+        default=64,
+        metadata={"help": "Threads per worker process = jobs that can share one batch."},
+    )
+    prefetch_multiplier: int = field(
+        default=1, metadata={"help": "Messages reserved per thread (Celery prefetch)."}
+    )
+    max_job_samples: int = field(
+        default=1_000_000, metadata={"help": "Largest batch (rows) one job may carry."}
+    )
+    max_payload_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"help": "Largest encoded job body; larger ones are refused before decoding."},
+    )
+
+    # --- Reliability -------------------------------------------------------
+    visibility_timeout_s: float = field(
+        default=3600.0,
+        metadata={
+            "help": "An unacknowledged job is redelivered after this long: must exceed the "
+            "longest queue-plus-run time of a reserved job, and bounds recovery after a crash."
+        },
+    )
+    max_deliveries: int = field(
+        default=3, metadata={"help": "Attempts before a job that kills its worker is given up."}
+    )
+    result_ttl_s: float = field(default=3600.0, metadata={"help": "How long results are kept."})
+    shutdown_timeout_s: float = field(
+        default=30.0, metadata={"help": "Longest graceful shutdown before in-flight work is cut."}
+    )
+
+    # --- Device -----------------------------------------------------------
+    device: Device = field(default="auto", metadata={"help": "auto, cpu or gpu."})
+    gpu_memory_growth: bool = field(
+        default=True, metadata={"help": "Grow GPU memory on demand instead of taking it all."}
+    )
+    gpu_memory_limit_mb: int | None = field(
+        default=None, metadata={"help": "Cap this process's GPU memory (MiB); unset = no cap."}
+    )
+    intra_op_threads: int | None = field(
+        default=None, metadata={"help": "TensorFlow intra-op threads (unset = TF default)."}
+    )
+    inter_op_threads: int | None = field(
+        default=None, metadata={"help": "TensorFlow inter-op threads (unset = TF default)."}
+    )
+
+    # --- Producer ----------------------------------------------------------
+    submit_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "How long submit retries an unreachable Redis before BrokerUnavailable."},
+    )
+    result_timeout_s: float = field(
+        default=300.0, metadata={"help": "Default wait for a result in get()/predict()."}
+    )
+    max_in_flight: int = field(
+        default=1024, metadata={"help": "Unfinished jobs one producer may hold."}
+    )
+    max_queue_length: int | None = field(
+        default=None, metadata={"help": "Refuse submits with QueueFull past this queue length."}
+    )
+
+    # --- Operations --------------------------------------------------------
+    metrics_port: int | None = field(
+        default=9808, metadata={"help": "Prometheus port of each worker process; unset = off."}
+    )
+    readiness_ttl_s: float = field(
+        default=30.0, metadata={"help": "Lifetime of a worker's readiness record (heartbeat)."}
+    )
+    task_events: bool = field(
+        default=True, metadata={"help": "Send Celery task events (needed by Flower)."}
+    )
+    flower_port: int = field(default=5555, metadata={"help": "Flower HTTP port."})
+    flower_basic_auth: str | None = field(
+        default=None, metadata={"help": "user:password (comma-separated pairs) for Flower."}
+    )
+    log_level: LogLevel = field(default="INFO", metadata={"help": "Worker log level."})
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        _require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "integer >= 1")
+        _require(self.batch_wait_ms >= 0, "batch_wait_ms", self.batch_wait_ms, "number >= 0")
+        _require(
+            self.worker_concurrency >= 1,
+            "worker_concurrency",
+            self.worker_concurrency,
+            "integer >= 1",
+        )
+        _require(
+            self.prefetch_multiplier >= 1,
+            "prefetch_multiplier",
+            self.prefetch_multiplier,
+            "integer >= 1",
+        )
+        _require(self.max_job_samples >= 1, "max_job_samples", self.max_job_samples, ">= 1")
+        _require(
+            self.max_payload_bytes >= 1024, "max_payload_bytes", self.max_payload_bytes, ">= 1024"
+        )
+        _require(
+            self.visibility_timeout_s >= 1,
+            "visibility_timeout_s",
+            self.visibility_timeout_s,
+            "seconds >= 1",
+        )
+        _require(self.max_deliveries >= 1, "max_deliveries", self.max_deliveries, "integer >= 1")
+        _require(self.result_ttl_s > 0, "result_ttl_s", self.result_ttl_s, "seconds > 0")
+        _require(
+            self.shutdown_timeout_s > 0, "shutdown_timeout_s", self.shutdown_timeout_s, "> 0"
+        )
+        _require(
+            self.submit_timeout_s >= 0, "submit_timeout_s", self.submit_timeout_s, "seconds >= 0"
+        )
+        _require(
+            self.result_timeout_s > 0, "result_timeout_s", self.result_timeout_s, "seconds > 0"
+        )
+        _require(self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, "integer >= 1")
+        _require(
+            self.max_queue_length is None or self.max_queue_length >= 1,
+            "max_queue_length",
+            self.max_queue_length,
+            "integer >= 1 or unset",
+        )
+        _require(
+            self.gpu_memory_limit_mb is None or self.gpu_memory_limit_mb >= 64,
+            "gpu_memory_limit_mb",
+            self.gpu_memory_limit_mb,
+            "integer >= 64 or unset",
+        )
+        for name in ("metrics_port", "flower_port"):
+            port = getattr(self, name)
+            _require(port is None or 0 <= port <= 65535, name, port, "a TCP port 0-65535")
+        _require(self.readiness_ttl_s >= 2, "readiness_ttl_s", self.readiness_ttl_s, ">= 2")
+        _require(bool(self.queue), "queue", self.queue, "a non-empty queue name")
+        for url_field in ("broker_url", "result_backend"):
+            url = getattr(self, url_field)
+            _require(
+                url.startswith(("redis://", "rediss://", "unix://")),
+                url_field,
+                mask_url(url),
+                "a redis://, rediss:// or unix:// URL",
+            )
+        if self.flower_basic_auth is not None:
+            for pair in self.flower_basic_auth.split(","):
+                _require(":" in pair, "flower_basic_auth", "***", "user:password pairs")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``PREDICTQ_*`` variables, then ``overrides`` (keyword names)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_env(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, raw.strip())
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def public_items(self) -> list[tuple[str, str]]:
+        """(env var, value) pairs with secrets masked, for `predictq info` and logs."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("broker_url", "result_backend"):
+                shown = mask_url(value)
+            elif f.name == "flower_basic_auth" and value:
+                shown = ",".join(p.split(":", 1)[0] + ":***" for p in value.split(","))
+            elif isinstance(value, tuple):
+                shown = ",".join(value)
+            else:
+                shown = "" if value is None else str(value)
+            out.append((_env(f.name), shown))
+        return out
+
+
+def settings_help() -> list[tuple[str, str, str]]:
+    """(env var, default, help) for every setting: the README's settings table."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append((_env(f.name), "" if default is None else str(default), f.metadata["help"]))
+    return rows
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{_env(name)} must be {expected}, got {value!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    name = _env(f.name)
+    optional = "None" in kind
+    if optional and raw.lower() in ("none", "off", "unset"):
+        return None
+    parsers: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "bool": _parse_bool,
+        "tuple[str, ...]": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
+    }
+    base = kind.replace(" | None", "")
+    if base in ("Device", "LogLevel"):
+        allowed = get_args(Device if base == "Device" else LogLevel)
+        value = raw.lower() if base == "Device" else raw.upper()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+        return value
+    parser = parsers.get(base, str)
+    try:
+        return parser(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} must be {base}, got {raw!r}") from e
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(raw)

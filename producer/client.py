@@ -1,0 +1,322 @@
+"""The Python producer: submit prediction jobs to Redis and read results back.
+
+``PredictionClient`` is thread-safe and meant to be shared: many threads submit
+through one Celery producer pool, and one collector thread delivers every
+result (producer/collector.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.backends.redis import RedisBackend
+from celery.exceptions import TaskRevokedError, WorkerLostError
+from kombu.exceptions import OperationalError
+
+from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER, celery_config
+from predictq.codec import register_serializer
+from predictq.errors import (
+    BrokerUnavailable,
+    DeadlineExceeded,
+    InvalidInput,
+    PredictionError,
+    PredictqError,
+    QueueFull,
+    ResultTimeout,
+    TooManyInFlight,
+    WorkerLost,
+)
+from predictq.redis_client import client_from_url, queue_keys
+from predictq.settings import Settings, mask_url
+from producer import wire
+from producer.collector import ResultCollector
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
+#: Longest accepted deadline or timeout: anything larger is a unit mistake.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class _ProducerBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis backend, minus its per-call pub/sub subscription.
+
+    ``send_task`` calls ``backend.on_task_call``, which subscribes Celery's own
+    result consumer to the task; that consumer is not shared between threads.
+    The ResultCollector subscribes instead, so this hook does nothing.
+    """
+
+    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+def check_timeout(name: str, value: float | None) -> float | None:
+    """Refuse negative, zero, NaN or absurd (> 1 week) timeouts with a typed error."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not (0 < value <= MAX_TIMEOUT_S):
+        raise InvalidInput(
+            f"{name}: expected seconds in (0, {MAX_TIMEOUT_S:.0f}], received {value!r}"
+        )
+    return float(value)
+
+
+class Job:
+    """A submitted prediction: wait for it with ``get``."""
+
+    def __init__(self, client: PredictionClient, job_id: str,
+                 future: Future[dict[str, Any]], rows: slice | None = None) -> None:
+        self.id = job_id
+        #: For jobs from ``submit_many``: the rows of the input this job covers.
+        self.rows = rows
+        self._client = client
+        self._future = future
+
+    def done(self) -> bool:
+        """Whether the result (or error) has arrived."""
+        return self._future.done()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The prediction (np.ndarray, or list/dict of arrays), or the job's typed error.
+
+        Raises ``ResultTimeout`` if nothing arrived within ``timeout`` seconds
+        (default ``PREDICTQ_RESULT_TIMEOUT_S``); the job may still finish later.
+        """
+        return wire.writable(self.raw_result(timeout))
+
+    def raw_result(self, timeout: float | None = None) -> Any:
+        """Like ``get``, but the arrays are read-only views of the received message."""
+        wait_s = check_timeout("timeout", timeout) or self._client.settings.result_timeout_s
+        try:
+            meta = self._future.result(wait_s)
+        except FutureTimeout as e:
+            raise ResultTimeout(f"job {self.id}: no result within {wait_s:g}s") from e
+        except CancelledError as e:
+            raise ResultTimeout(f"job {self.id}: stopped waiting (forgotten or client closed)") \
+                from e
+        return _outcome(self.id, meta)
+
+    def forget(self) -> None:
+        """Stop waiting for this job and free its in-flight slot."""
+        self._client._collector.forget(self.id)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<Job {self.id} {state}>"
+
+
+def _outcome(job_id: str, meta: dict[str, Any]) -> Any:
+    status, result = meta.get("status"), meta.get("result")
+    if status == "SUCCESS":
+        return result
+    if isinstance(result, PredictqError):
+        raise result
+    if isinstance(result, TaskRevokedError):
+        if "expired" in str(result):
+            raise DeadlineExceeded(f"job {job_id}: its deadline passed while it was queued") \
+                from result
+        raise PredictionError(f"job {job_id} was revoked: {result}") from result
+    if isinstance(result, WorkerLostError):
+        raise WorkerLost(f"job {job_id}: {result}") from result
+    if isinstance(result, BaseException):
+        raise PredictionError(f"job {job_id} failed: {type(result).__name__}: {result}") \
+            from result
+    raise PredictionError(f"job {job_id} ended in state {status}: {result!r}")
+
+
+class PredictionClient:
+    """Submits jobs to the queue and collects their results.
+
+    Settings come from ``settings`` or the environment (``PREDICTQ_*``);
+    keyword arguments override single fields, e.g.
+    ``PredictionClient(broker_url="redis://h:6379/0", max_in_flight=64)``.
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings if settings is not None else Settings.from_env()
+        self.settings = base.replace(**overrides) if overrides else base
+        register_serializer()
+        self._app = Celery("predictq-producer", set_as_current=False,
+                           backend=_ProducerBackend)
+        self._app.conf.update(celery_config(self.settings))
+        self._broker = client_from_url(self.settings.broker_url)
+        self._results = client_from_url(self.settings.result_backend)
+        # Results are decoded on the collector thread, with the backend's own
+        # decoder (serializer checks and exception rebuilding included).
+        backend = self._app.backend
+        self._collector = ResultCollector(self._results, backend.decode_result)
+        self._slots = threading.BoundedSemaphore(self.settings.max_in_flight)
+        self._queue_lock = threading.Lock()
+        self._queue_estimate: tuple[float, int] = (0.0, 0)
+        self._closed = False
+
+    # --- submitting ------------------------------------------------------------
+
+    def submit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+        """Send one job and return at once; ``job.get()`` waits for its result.
+
+        ``inputs``: one array (single-input models), a list of arrays in input
+        order, or a dict by input name; the first dimension is the batch.
+        ``deadline_s``: if the job is still queued after this many seconds it is
+        not run, and ``get`` raises ``DeadlineExceeded``.
+        """
+        normalized = wire.normalize(inputs)
+        return self._submit(normalized, deadline_s=deadline_s, rows=None)
+
+    def _submit(self, normalized: Any, *, deadline_s: float | None, rows: slice | None) -> Job:
+        if self._closed:
+            raise PredictqError("the client is closed")
+        deadline_s = check_timeout("deadline_s", deadline_s)
+        wire.rows(normalized)
+        wire.check_size(normalized, self.settings.max_payload_bytes)
+        self._check_queue_length()
+        if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
+            raise TooManyInFlight(
+                f"expected at most {self.settings.max_in_flight} unfinished jobs "
+                f"(max_in_flight); still full after {self.settings.submit_timeout_s:g}s"
+            )
+        job_id = str(uuid.uuid4())
+        future = self._collector.watch(job_id)
+        try:
+            self._publish(job_id, normalized, deadline_s)
+        except BaseException:
+            self._collector.forget(job_id)
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _f: self._slots.release())
+        return Job(self, job_id, future, rows)
+
+    def _publish(self, job_id: str, normalized: Any, deadline_s: float | None) -> None:
+        expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
+        give_up = time.monotonic() + self.settings.submit_timeout_s
+        delay_s = 0.05
+        while True:
+            try:
+                self._app.send_task(
+                    PREDICT_TASK,
+                    args=(normalized,),
+                    task_id=job_id,
+                    queue=self.settings.queue,
+                    expires=expires,
+                    headers={SENT_AT_HEADER: time.time()},
+                    argsrepr=wire.summary(normalized),
+                    kwargsrepr="{}",
+                    # kombu re-establishes the connection between attempts;
+                    # the loop around it enforces the overall deadline.
+                    retry=True,
+                    retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                                  "interval_max": 0.1},
+                )
+                return
+            except _CONNECTION_ERRORS as e:
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    raise BrokerUnavailable(
+                        f"could not reach the broker {mask_url(self.settings.broker_url)} within "
+                        f"{self.settings.submit_timeout_s:g}s (PREDICTQ_SUBMIT_TIMEOUT_S): {e}"
+                    ) from e
+                log.warning("broker unavailable (%s); retrying for %.1fs more", e, remaining)
+                time.sleep(min(delay_s, remaining))
+                delay_s = min(delay_s * 2, 1.0)
+
+    def predict(self, inputs: object, *, timeout: float | None = None,
+                deadline_s: float | None = None) -> Any:
+        """Submit one job and wait for its result (``submit(...).get(timeout)``)."""
+        return self.submit(inputs, deadline_s=deadline_s).get(timeout)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job submitted elsewhere (another process, an earlier run)."""
+        future = self._collector.watch(job_id)
+        return Job(self, job_id, future)
+
+    # --- queue -----------------------------------------------------------------
+
+    def queue_length(self) -> int:
+        """Jobs waiting in the queue (not yet reserved by a worker)."""
+        try:
+            pipe = self._broker.pipeline(transaction=False)
+            for key in queue_keys(self.settings.queue):
+                pipe.llen(key)
+            return int(sum(pipe.execute()))
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise BrokerUnavailable(
+                f"cannot read the queue length from {mask_url(self.settings.broker_url)}: {e}"
+            ) from e
+
+    def _check_queue_length(self) -> None:
+        cap = self.settings.max_queue_length
+        if cap is None:
+            return
+        # One LLEN per 50 ms at most; in between, count this client's own
+        # submits on top, so a single producer never overshoots the cap (several
+        # producers may, by at most their submits in that window).
+        with self._queue_lock:
+            measured_at, length = self._queue_estimate
+            now = time.monotonic()
+            if now - measured_at > 0.05:
+                length = self.queue_length()
+            if length >= cap:
+                self._queue_estimate = (now, length)
+                raise QueueFull(
+                    f"queue {self.settings.queue!r}: expected fewer than {cap} waiting jobs "
+                    f"(PREDICTQ_MAX_QUEUE_LENGTH), found {length}"
+                )
+            self._queue_estimate = (now if now - measured_at > 0.05 else measured_at, length + 1)
+
+    # --- bulk ------------------------------------------------------------------
+
+    def submit_many(self, inputs: object, *, chunk_size: int = 4096,
+                    deadline_s: float | None = None) -> Any:
+        """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``).
+
+        Submission blocks while ``max_in_flight`` jobs are unfinished, so a
+        consumer that reads results as it goes keeps memory bounded.
+        """
+        from producer.bulk import submit_chunks
+
+        return submit_chunks(self, wire.normalize(inputs), chunk_size=chunk_size,
+                             deadline_s=deadline_s)
+
+    def predict_many(self, inputs: object, *, chunk_size: int = 4096, progress: bool = False,
+                     timeout: float | None = None, max_in_flight: int | None = None) -> Any:
+        """Predict a large input in chunk jobs; outputs come back in the input's order.
+
+        At most ``max_in_flight`` (default: the client's) chunks are unfinished at
+        any time, so memory stays at input + output + in-flight chunks.
+        ``progress`` shows a tqdm bar on stderr.
+        """
+        from producer.bulk import predict_chunks
+
+        return predict_chunks(self, wire.normalize(inputs), chunk_size=chunk_size,
+                              progress=progress, timeout=timeout,
+                              max_in_flight=max_in_flight or self.settings.max_in_flight)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop collecting results and close connections."""
+        if self._closed:
+            return
+        self._closed = True
+        self._collector.close()
+        self._app.close()
+        self._broker.close()
+        self._results.close()
+
+    def __enter__(self) -> PredictionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

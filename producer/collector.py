@@ -1,0 +1,196 @@
+"""One thread and one pub/sub connection deliver the results of all of a producer's jobs.
+
+Celery's own ``AsyncResult.get`` gives every waiting thread its own result
+consumer (a pub/sub connection polled by that thread), which is what caps a
+multi-threaded producer at a few hundred jobs per second. Here threads only
+wait on ``concurrent.futures.Future`` objects; a single collector thread
+subscribes to the result channels, decodes results and resolves the futures.
+
+The Redis result backend stores a result with SET and PUBLISHes it on a channel
+named after the same key, so:
+
+* ``watch`` is called before the job is published and queues a SUBSCRIBE;
+* once Redis confirms a subscription, a GET of the key catches a result that was
+  stored before the subscription existed (the race every pub/sub client has);
+* after a reconnect (Redis restart), every pending key is subscribed again and
+  read again, so results stored during the outage are not missed;
+* a slow sweep re-reads keys pending for longer than ``sweep_after_s``, a
+  safety net that bounds the damage of any missed message to a second or so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+RESULT_KEY_PREFIX = "celery-task-meta-"
+#: Result states after which nothing changes any more (celery.states.READY_STATES).
+FINAL_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+Decoder = Callable[[bytes], dict[str, Any]]
+
+
+class ResultCollector:
+    """Resolves a future per task id when its result lands in the Redis backend."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        decode: Decoder,
+        *,
+        poll_s: float = 0.005,
+        sweep_after_s: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._decode = decode
+        self._poll_s = poll_s
+        self._sweep_after_s = sweep_after_s
+        # _lock guards the three collections below. Invariant: a key is in
+        # _pending from watch() until its future is resolved or forgotten, and
+        # is then queued for UNSUBSCRIBE exactly once.
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[Future[dict[str, Any]], float]] = {}
+        self._subscribe: list[str] = []
+        self._unsubscribe: list[str] = []
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="predictq-results", daemon=True)
+        self._thread.start()
+
+    def watch(self, task_id: str) -> Future[dict[str, Any]]:
+        """A future for the decoded result meta of ``task_id``; call before publishing."""
+        future: Future[dict[str, Any]] = Future()
+        key = RESULT_KEY_PREFIX + task_id
+        with self._lock:
+            self._pending[key] = (future, time.monotonic())
+            self._subscribe.append(key)
+        self._wake.set()
+        return future
+
+    def forget(self, task_id: str) -> None:
+        """Stop waiting for ``task_id`` (its future is cancelled if unresolved)."""
+        key = RESULT_KEY_PREFIX + task_id
+        with self._lock:
+            entry = self._pending.pop(key, None)
+            if entry is not None:
+                self._unsubscribe.append(key)
+        if entry is not None:
+            entry[0].cancel()
+
+    def pending(self) -> int:
+        """How many results are awaited."""
+        with self._lock:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Stop the collector; unresolved futures are cancelled."""
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(5)
+        with self._lock:
+            entries, self._pending = list(self._pending.values()), {}
+        for future, _ in entries:
+            future.cancel()
+
+    # --- collector thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff_s = 0.05
+        while not self._closed.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+            try:
+                with self._lock:
+                    # (Re)subscribe everything pending: after a reconnect the new
+                    # connection has no subscriptions.
+                    self._subscribe = list(self._pending)
+                    self._unsubscribe = []
+                self._serve(pubsub)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                log.warning("result channel lost (%s); reconnecting in %.2fs", e, backoff_s)
+                self._closed.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 1.0)
+            except Exception:
+                log.exception("result collector error; restarting it")
+                self._closed.wait(backoff_s)
+            else:
+                backoff_s = 0.05
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    log.debug("closing the old pub/sub connection failed", exc_info=True)
+
+    def _serve(self, pubsub: Any) -> None:
+        last_sweep = time.monotonic()
+        while not self._closed.is_set():
+            with self._lock:
+                subscribe, self._subscribe = self._subscribe, []
+                unsubscribe, self._unsubscribe = self._unsubscribe, []
+            if subscribe:
+                pubsub.subscribe(*subscribe)
+            if unsubscribe:
+                pubsub.unsubscribe(*unsubscribe)
+            if not pubsub.subscribed and not subscribe and not unsubscribe:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            confirmed: list[str] = []
+            message = pubsub.get_message(timeout=self._poll_s)
+            while message is not None:
+                self._handle(message, confirmed)
+                message = pubsub.get_message(timeout=0)
+            if confirmed:
+                self._fetch(confirmed)
+            now = time.monotonic()
+            if now - last_sweep >= self._sweep_after_s:
+                last_sweep = now
+                self._sweep(now)
+
+    def _handle(self, message: dict[str, Any], confirmed: list[str]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        key = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if kind == "subscribe":
+            confirmed.append(key)
+        elif kind == "message":
+            self._resolve(key, message["data"])
+
+    def _fetch(self, keys: list[str]) -> None:
+        """GET keys whose result may predate the subscription."""
+        with self._lock:
+            keys = [k for k in keys if k in self._pending]
+        for start in range(0, len(keys), 256):
+            part = keys[start : start + 256]
+            for key, value in zip(part, self._client.mget(part), strict=True):
+                if value is not None:
+                    self._resolve(key, value)
+
+    def _sweep(self, now: float) -> None:
+        with self._lock:
+            stale = [k for k, (_, t) in self._pending.items() if now - t > self._sweep_after_s]
+        if stale:
+            self._fetch(stale)
+
+    def _resolve(self, key: str, data: bytes) -> None:
+        try:
+            meta = self._decode(data)
+        except Exception as e:
+            meta = {"status": "FAILURE", "result": e}
+        if meta.get("status") not in FINAL_STATES:
+            return  # STARTED/RETRY: the final result is still to come
+        with self._lock:
+            entry = self._pending.pop(key, None)
+            if entry is None:
+                return  # a duplicate (redelivered job) or a forgotten job
+            self._unsubscribe.append(key)
+        future = entry[0]
+        if not future.cancelled():
+            future.set_result(meta)

@@ -1,0 +1,378 @@
+"""Dynamic micro-batching: many concurrent jobs, one device call at a time.
+
+Jobs running in the threads pool hand their input arrays to ``Batcher.submit``
+and wait on the returned future. A single device thread takes the first waiting
+piece, fills the batch with compatible pieces until ``max_batch_size`` samples
+or ``batch_wait_ms`` after the first arrival, runs ONE call, and splits the
+outputs back to each job.
+
+Invariants (each has a test in tests/test_batcher.py):
+
+* Only the device thread calls ``run``: device access is serialized per process.
+* Every submitted request ends with its result or its own exception, never a
+  hang: per-request errors are caught around each call, and if the device thread
+  itself dies, every pending request is failed before the thread exits.
+* A failing multi-request batch is retried request by request, so one bad job
+  cannot fail its neighbours; an out-of-memory batch is split in halves, down to
+  one sample, before a request fails with ``DeviceOutOfMemory``.
+* Outputs are matched to requests by sample offsets, and every output's length
+  is checked against the batch's sample count.
+* A request larger than ``max_batch_size`` is split into device-sized pieces
+  that are reassembled in order.
+
+The wait for more jobs ends early when no job is on its way (see ``announce``):
+waiting only pays when another job is about to arrive, so an idle worker adds no
+latency while a busy one fills its batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from predictq.errors import (
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    ModelNotReady,
+    PredictionError,
+    PredictqError,
+)
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+RunFn = Callable[[list[Array]], list[Array]]
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one device call did, for metrics."""
+
+    samples: int
+    requests: int
+    device_s: float
+    oldest_wait_s: float
+
+
+class _Request:
+    """One submitted job: its future and the outputs of its pieces, by sample offset."""
+
+    def __init__(
+        self,
+        n: int,
+        deadline: float | None,
+        before_run: Callable[[], None] | None,
+    ) -> None:
+        self.future: Future[list[Array]] = Future()
+        self.n = n
+        self.deadline = deadline
+        self.before_run = before_run
+        self.submitted_at = time.monotonic()
+        self._parts: dict[int, list[Array]] = {}
+        self._received = 0
+
+    def deliver(self, offset: int, outputs: list[Array]) -> None:
+        if self.future.done():
+            return
+        self._parts[offset] = outputs
+        self._received += outputs[0].shape[0]
+        if self._received == self.n:
+            ordered = [self._parts[k] for k in sorted(self._parts)]
+            if len(ordered) == 1:
+                self.future.set_result(ordered[0])
+            else:
+                self.future.set_result(
+                    [np.concatenate(cols) for cols in zip(*ordered, strict=True)]
+                )
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class _Piece:
+    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
+
+    request: _Request
+    offset: int
+    inputs: list[Array]
+    isolated: bool
+    signature: tuple[tuple[int, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = tuple(a.shape[1:] for a in self.inputs)
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def halves(self) -> tuple[_Piece, _Piece]:
+        k = self.n // 2
+        return (
+            _Piece(self.request, self.offset, [a[:k] for a in self.inputs], self.isolated),
+            _Piece(self.request, self.offset + k, [a[k:] for a in self.inputs], self.isolated),
+        )
+
+
+class Batcher:
+    """Runs ``run`` on batches of concurrently submitted requests, on one thread."""
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "predictq-device",
+    ) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be integer >= 1, got {max_batch_size!r}")
+        if batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
+        self._run = run
+        self._max = max_batch_size
+        self._wait_s = batch_wait_ms / 1000.0
+        self._on_batch = on_batch
+        # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
+        # _queue only while not _closed, and leaves it only on the device
+        # thread, so after close() + join() nothing can be left pending.
+        self._cond = threading.Condition()
+        self._queue: deque[_Piece] = deque()
+        self._incoming = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the device thread."""
+        self._thread.start()
+
+    @property
+    def max_batch_size(self) -> int:
+        """Samples per device call."""
+        return self._max
+
+    @contextmanager
+    def announce(self) -> Iterator[None]:
+        """Declare a job on its way to ``submit`` (held while it decodes and validates).
+
+        While any job is announced, the device thread may wait up to
+        ``batch_wait_ms`` for it; with none announced it runs what it has at once.
+        """
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify_all()
+
+    def submit(
+        self,
+        inputs: Sequence[Array],
+        *,
+        deadline: float | None = None,
+        isolated: bool = False,
+        before_run: Callable[[], None] | None = None,
+    ) -> Future[list[Array]]:
+        """Queue one request; the future holds its outputs (one array per model output).
+
+        ``deadline`` is a ``time.monotonic()`` instant after which the request is
+        dropped with ``DeadlineExceeded`` instead of run. ``isolated`` requests run
+        in batches of their own. ``before_run`` is called on the device thread
+        right before the request's first device call; if it raises, the request
+        fails with that error and is not run.
+        """
+        arrays = list(inputs)
+        n = int(arrays[0].shape[0])
+        request = _Request(n, deadline, before_run)
+        pieces = [
+            _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
+            for start in range(0, n, self._max)
+        ]
+        with self._cond:
+            if self._closed:
+                raise ModelNotReady("the worker is shutting down and takes no new jobs")
+            self._queue.extend(pieces)
+            self._cond.notify_all()
+        return request.future
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop taking requests, finish the queued ones, join the device thread.
+
+        Returns False if the thread did not finish within ``timeout_s``; then the
+        requests still queued are failed so that no caller waits forever.
+        """
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._fail_queued(ModelNotReady("the worker shut down before this job ran"))
+            return False
+        return True
+
+    # --- device thread ---------------------------------------------------------
+
+    def _loop(self) -> None:
+        batch: list[_Piece] = []
+        try:
+            while True:
+                batch = self._next_batch()
+                if not batch:
+                    return
+                self._run_batch(batch)
+                batch = []
+        except BaseException as e:
+            # Invariant "never a hang": whatever killed the thread, fail every
+            # request it was responsible for before dying.
+            log.exception("device thread crashed; failing all pending jobs")
+            error = PredictionError(f"the device thread crashed: {e!r}")
+            for piece in batch:
+                piece.request.fail(error)
+            with self._cond:
+                self._closed = True
+            self._fail_queued(error)
+            raise
+
+    def _fail_queued(self, error: BaseException) -> None:
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+        for piece in pending:
+            piece.request.fail(error)
+
+    def _next_batch(self) -> list[_Piece]:
+        """Block for the first piece, then fill; empty only when closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return []
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, samples = [first], first.n
+            if first.isolated:
+                return batch
+            wait_until = time.monotonic() + self._wait_s
+            while samples < self._max:
+                samples = self._take_compatible(batch, samples)
+                remaining = wait_until - time.monotonic()
+                if samples >= self._max or self._incoming == 0 or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
+        """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
+        signature = batch[0].signature
+        kept: deque[_Piece] = deque()
+        while self._queue:
+            piece = self._queue.popleft()
+            if piece.isolated or piece.signature != signature:
+                kept.append(piece)
+            elif samples + piece.n <= self._max:
+                batch.append(piece)
+                samples += piece.n
+            else:
+                # First in line for the next batch: keep FIFO order.
+                kept.append(piece)
+                kept.extend(self._queue)
+                self._queue.clear()
+        self._queue = kept
+        return samples
+
+    def _run_batch(self, batch: list[_Piece]) -> None:
+        now = time.monotonic()
+        live = []
+        for piece in batch:
+            request = piece.request
+            if request.future.done():
+                continue  # an earlier piece of it failed
+            if request.deadline is not None and now > request.deadline:
+                request.fail(DeadlineExceeded("the job's deadline passed before it could run"))
+                continue
+            if request.before_run is not None:
+                hook, request.before_run = request.before_run, None
+                try:
+                    hook()
+                except Exception as e:
+                    request.fail(e if isinstance(e, PredictqError) else PredictionError(repr(e)))
+                    continue
+            live.append(piece)
+        if live:
+            self._execute(live)
+
+    def _execute(self, pieces: list[_Piece]) -> None:
+        try:
+            outputs = self._call(pieces)
+        except DeviceOutOfMemory as e:
+            self._on_oom(pieces, e)
+            return
+        except Exception as e:
+            if len(pieces) > 1:
+                # Retry alone so that only the job that causes the error fails.
+                for piece in pieces:
+                    if not piece.request.future.done():
+                        self._execute([piece])
+            else:
+                err = e if isinstance(e, PredictqError) else PredictionError(f"{e!r}")
+                if err is not e:
+                    err.__cause__ = e
+                pieces[0].request.fail(err)
+            return
+        for piece, outs in zip(pieces, outputs, strict=True):
+            piece.request.deliver(piece.offset, outs)
+
+    def _on_oom(self, pieces: list[_Piece], error: DeviceOutOfMemory) -> None:
+        if len(pieces) > 1:
+            mid = len(pieces) // 2
+            halves: tuple[list[_Piece], ...] = (pieces[:mid], pieces[mid:])
+        elif pieces[0].n > 1:
+            halves = tuple([h] for h in pieces[0].halves())
+        else:
+            pieces[0].request.fail(
+                DeviceOutOfMemory(f"one sample of this job does not fit in device memory: {error}")
+            )
+            return
+        log.warning("device out of memory on %d samples; retrying in halves",
+                    sum(p.n for p in pieces))
+        for half in halves:
+            self._execute(half)
+
+    def _call(self, pieces: list[_Piece]) -> list[list[Array]]:
+        """One device call for ``pieces``; the outputs split back per piece."""
+        if len(pieces) == 1:
+            inputs = pieces[0].inputs
+        else:
+            inputs = [np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces),
+                                                           strict=True)]
+        total = sum(p.n for p in pieces)
+        started = time.monotonic()
+        outputs = self._run(inputs)
+        device_s = time.monotonic() - started
+        for i, out in enumerate(outputs):
+            if out.shape[0] != total:
+                raise PredictionError(
+                    f"model output {i} has {out.shape[0]} rows for a batch of {total} samples"
+                )
+        if self._on_batch is not None:
+            oldest = min(p.request.submitted_at for p in pieces)
+            self._on_batch(BatchStats(total, len(pieces), device_s, started - oldest))
+        split: list[list[Array]] = []
+        start = 0
+        for piece in pieces:
+            split.append([out[start : start + piece.n] for out in outputs])
+            start += piece.n
+        return split

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one worker process, served on ``PREDICTQ_METRICS_PORT``.
+
+Prefork children serve on ``port + child index`` (each child is its own process
+with its own model); threads and solo workers on ``port`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from workers.batcher import BatchStats
+from workers.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS_S: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+_BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+JOBS: Final = Counter(
+    "predictq_jobs", "Jobs finished by this worker process.", ["outcome", "error_type"]
+)
+REJECTED_MESSAGES: Final = Counter(
+    "predictq_rejected_messages", "Broker messages refused before any task ran.", ["reason"]
+)
+BATCH_SAMPLES: Final = Histogram(
+    "predictq_batch_size_samples", "Samples per device call.", buckets=_BATCH_BUCKETS
+)
+BATCH_REQUESTS: Final = Histogram(
+    "predictq_batch_size_jobs", "Jobs (or job pieces) per device call.", buckets=_BATCH_BUCKETS
+)
+DEVICE_SECONDS: Final = Histogram(
+    "predictq_device_seconds", "Time of one device call (one batch).", buckets=_LATENCY_BUCKETS_S
+)
+BATCH_WAIT_SECONDS: Final = Histogram(
+    "predictq_batch_wait_seconds",
+    "Time the oldest job of a batch waited in the batcher.",
+    buckets=_LATENCY_BUCKETS_S,
+)
+QUEUE_WAIT_SECONDS: Final = Histogram(
+    "predictq_queue_wait_seconds",
+    "Time from submit (producer clock) to the start of the task.",
+    buckets=_LATENCY_BUCKETS_S,
+)
+MODEL_LOAD_SECONDS: Final = Gauge(
+    "predictq_model_load_seconds", "Time to load and warm up the model."
+)
+MODEL_LOADS: Final = Counter("predictq_model_loads", "Model loads in this process.")
+MODEL_READY: Final = Gauge("predictq_model_ready", "1 once the model is loaded and warm.")
+MODEL_INFO: Final = Info("predictq_model", "The served model.")
+
+
+def record_batch(stats: BatchStats) -> None:
+    """Batcher callback: one device call happened."""
+    BATCH_SAMPLES.observe(stats.samples)
+    BATCH_REQUESTS.observe(stats.requests)
+    DEVICE_SECONDS.observe(stats.device_s)
+    BATCH_WAIT_SECONDS.observe(stats.oldest_wait_s)
+
+
+def record_model(spec: ModelSpec, load_s: float, device: str) -> None:
+    """The model is loaded and warm."""
+    MODEL_LOADS.inc()
+    MODEL_LOAD_SECONDS.set(load_s)
+    MODEL_INFO.info(
+        {
+            "path": spec.path,
+            "format": spec.format,
+            "device": device,
+            "inputs": "; ".join(s.describe() for s in spec.inputs),
+            "outputs": "; ".join(s.describe() for s in spec.outputs),
+        }
+    )
+    MODEL_READY.set(1)
+
+
+def serve(port: int) -> int | None:
+    """Start the HTTP endpoint; returns the port, or None if it could not bind.
+
+    A busy port must not stop a worker from serving predictions, so it is
+    logged, not raised.
+    """
+    try:
+        server, _thread = start_http_server(port)
+    except OSError as e:
+        log.error("metrics: cannot listen on port %d (%s); metrics are off", port, e)
+        return None
+    bound: int = server.server_address[1]
+    log.info("metrics on http://0.0.0.0:%d/metrics", bound)
+    return bound

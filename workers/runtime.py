@@ -1,0 +1,167 @@
+"""The per-process runtime: one model, one batcher, one readiness record.
+
+Lifecycle, in one place: ``start_runtime`` configures the device, loads and
+warms the model, starts the device thread, metrics and readiness record;
+``stop_runtime`` undoes it in reverse order. Both are called from Celery signal
+handlers (workers/signals.py) exactly once per worker process; ``_lock`` makes
+a second call a no-op rather than a second model load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from predictq.errors import ConfigError, ModelNotReady
+from predictq.readiness import ReadinessRecord
+from predictq.redis_client import client_from_url
+from predictq.settings import Settings
+from workers import metrics
+from workers.batcher import Batcher
+from workers.deliveries import DeliveryTracker
+from workers.device import configure_devices
+from workers.model import LoadedModel, import_model_modules, load_model
+from workers.validation import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a task knows about its message, beyond the input."""
+
+    task_id: str
+    redelivered: bool
+    deadline: float | None  # time.monotonic() instant
+
+
+class Runtime:
+    """A loaded model serving predictions through one batcher."""
+
+    def __init__(self, settings: Settings, model: LoadedModel, device: str) -> None:
+        self.settings = settings
+        self.model = model
+        self.device = device
+        self.batcher = Batcher(
+            model,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            on_batch=metrics.record_batch,
+        )
+        redis_client = client_from_url(settings.result_backend)
+        self.deliveries = DeliveryTracker(
+            redis_client, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
+        )
+        self.redis = redis_client
+        self.readiness: ReadinessRecord | None = None
+
+    def predict(self, raw: object, job: JobContext) -> object:
+        """Validate, batch, run and restructure one job's prediction."""
+        spec = self.model.spec
+        with self.batcher.announce():
+            arrays = validate(
+                raw,
+                spec,
+                allow_nonfinite=self.settings.allow_nonfinite,
+                max_job_samples=self.settings.max_job_samples,
+            )
+            if job.redelivered:
+                # Its worker may have died running it: isolate it and count the
+                # attempt where it would actually run (workers/deliveries.py).
+                self.deliveries.check(job.task_id)
+                future = self.batcher.submit(
+                    arrays,
+                    deadline=job.deadline,
+                    isolated=True,
+                    before_run=lambda: self.deliveries.count_attempt(job.task_id),
+                )
+            else:
+                future = self.batcher.submit(arrays, deadline=job.deadline)
+        return spec.structure_outputs(future.result())
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_loads = 0
+
+
+def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 0) -> Runtime:
+    """Load the model for this process (once) and start serving it."""
+    global _runtime, _loads
+    with _lock:
+        if _runtime is not None:
+            return _runtime
+        if not settings.model_path:
+            raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
+        started = time.monotonic()
+        device = configure_devices(settings)
+        import_model_modules(settings.model_imports)
+        model = load_model(settings.model_path)
+        _loads += 1
+        # One inference per batch shape the device thread will see: single jobs
+        # and full batches. The function is batch-polymorphic, so this traces
+        # once and also fails fast if a full batch does not fit the device.
+        model.warm_up(sorted({1, settings.max_batch_size}))
+        warm_s = time.monotonic() - started
+        runtime = Runtime(settings, model, device.kind)
+        runtime.batcher.start()
+        metrics.record_model(model.spec, warm_s, device.kind)
+        metrics_port = None
+        if settings.metrics_port is not None:
+            metrics_port = metrics.serve(settings.metrics_port + index if settings.metrics_port
+                                         else 0)
+        runtime.readiness = ReadinessRecord(
+            runtime.redis,
+            nodename,
+            os.getpid(),
+            settings.readiness_ttl_s,
+            _record_fields(runtime, pool, warm_s, metrics_port),
+        )
+        runtime.readiness.publish()
+        _runtime = runtime
+        log.info("model ready in %.2fs on %s (pid %d, %s pool)", warm_s, device.kind,
+                 os.getpid(), pool)
+        return runtime
+
+
+def _record_fields(runtime: Runtime, pool: str, warm_s: float,
+                   metrics_port: int | None) -> dict[str, Any]:
+    return {
+        "pool": pool,
+        "loads": _loads,
+        "warm": True,
+        "device": runtime.device,
+        "load_s": round(warm_s, 3),
+        "since": datetime.now(UTC).isoformat(),
+        "metrics_port": metrics_port,
+        "max_batch_size": runtime.settings.max_batch_size,
+        "model": runtime.model.spec.as_dict(),
+    }
+
+
+def current_runtime() -> Runtime:
+    """The process's runtime; ModelNotReady if the model is not loaded (yet)."""
+    runtime = _runtime
+    if runtime is None:
+        raise ModelNotReady(f"no model is loaded in worker process {os.getpid()}")
+    return runtime
+
+
+def stop_runtime() -> None:
+    """Finish queued batches, then withdraw the readiness record (reverse of start)."""
+    global _runtime
+    with _lock:
+        runtime, _runtime = _runtime, None
+    if runtime is None:
+        return
+    if not runtime.batcher.close(runtime.settings.shutdown_timeout_s):
+        log.error("device thread did not finish within %.0fs", runtime.settings.shutdown_timeout_s)
+    if runtime.readiness is not None:
+        runtime.readiness.close()
+    metrics.MODEL_READY.set(0)
+    log.info("model runtime stopped (pid %d)", os.getpid())

@@ -1,0 +1,87 @@
+"""Where each worker process loads its model: Celery signal handlers.
+
+* prefork: ``worker_process_init`` fires in each child after the fork; the
+  parent never imports TensorFlow (TensorFlow is not fork-safe: a parent that
+  initialised it hands broken runtime state to its children).
+* solo: ``worker_process_init`` fires in the worker process itself.
+* threads: ``celery/concurrency/thread.py`` never sends
+  ``worker_process_init``, so the model loads in ``worker_init``, in the worker
+  process, before the consumer starts and before any task is received.
+
+Shutdown is the reverse: ``worker_shutdown`` (after the pool stopped, so every
+running job has its result) or ``worker_process_shutdown`` for prefork children.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.concurrency import get_implementation
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.concurrency.thread import TaskPool as ThreadsPool
+
+from predictq.errors import ConfigError
+from predictq.settings import mask_url
+from workers.app import export_flower_options, worker_settings
+from workers.runtime import start_runtime, stop_runtime
+
+log = logging.getLogger(__name__)
+
+# Set in the main worker process by worker_init; prefork children inherit it.
+_pool_name = "unknown"
+
+
+def _pool_kind(pool_cls: Any) -> str:
+    cls = get_implementation(pool_cls)
+    for kind, known in (("threads", ThreadsPool), ("prefork", PreforkPool), ("solo", SoloPool)):
+        if isinstance(cls, type) and issubclass(cls, known):
+            return kind
+    raise ConfigError(
+        f"worker pool must be threads, prefork or solo, got {getattr(cls, '__name__', cls)}"
+    )
+
+
+@signals.user_preload_options.connect
+def _on_cli_start(**_: Any) -> None:
+    # Before `celery -A workers flower` parses FLOWER_* options.
+    export_flower_options(worker_settings())
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any, **_: Any) -> None:
+    global _pool_name
+    settings = worker_settings()
+    _pool_name = _pool_kind(sender.pool_cls)
+    log.info("predictq worker %s: pool=%s broker=%s backend=%s model=%s", sender.hostname,
+             _pool_name, mask_url(settings.broker_url), mask_url(settings.result_backend),
+             settings.model_path)
+    if settings.log_level != "DEBUG":
+        # Celery decides once, when it builds its task tracers and strategies,
+        # whether to log every task at INFO, with a repr() of the result array;
+        # at thousands of jobs per second that costs more than the prediction.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    if _pool_name == "threads":
+        start_runtime(settings, nodename=sender.hostname, pool="threads")
+
+
+@signals.worker_process_init.connect
+def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
+    from billiard.process import current_process
+
+    # prefork children are numbered from 1; the solo pool runs in process 0.
+    index = getattr(current_process(), "index", 0) or 0
+    start_runtime(worker_settings(), nodename=str(sender), pool=_pool_name, index=index)
+
+
+@signals.worker_process_shutdown.connect
+def _on_worker_process_shutdown(**_: Any) -> None:
+    stop_runtime()
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    stop_runtime()

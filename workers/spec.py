@@ -1,0 +1,70 @@
+"""What a model accepts and returns, independent of TensorFlow.
+
+Read once when the model loads; every job is validated against it, and results
+are put back into the structure (single array, list or dict) the model returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Structure = Literal["single", "list", "dict"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, shape (batch dimension first, None) and dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def feature_shape(self) -> tuple[int | None, ...]:
+        """The shape of one sample (without the batch dimension)."""
+        return self.shape[1:]
+
+    def describe(self) -> str:
+        """``name: dtype [None, 64]`` for messages and `predictq info`."""
+        dims = ", ".join("None" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype.name} [{dims}]"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Inputs, outputs and how they are structured, for one loaded model."""
+
+    path: str
+    format: Literal["keras", "h5", "savedmodel"]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    input_structure: Structure
+    output_structure: Structure
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the inputs, in call order."""
+        return [s.name for s in self.inputs]
+
+    def structure_outputs(self, flat: Sequence[np.ndarray[Any, Any]]) -> object:
+        """Outputs in the model's own structure: one array, a list, or a dict by name."""
+        if self.output_structure == "single":
+            return flat[0]
+        if self.output_structure == "dict":
+            return {s.name: a for s, a in zip(self.outputs, flat, strict=True)}
+        return list(flat)
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-friendly description (readiness record, `predictq info`)."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "input_structure": self.input_structure,
+            "output_structure": self.output_structure,
+            "inputs": [s.describe() for s in self.inputs],
+            "outputs": [s.describe() for s in self.outputs],
+        }

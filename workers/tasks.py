@@ -1,0 +1,97 @@
+"""The tasks a worker serves. Task name, arguments and result are the wire contract.
+
+``predictq.predict(inputs)``: exactly one argument, the model input (one array,
+a list of arrays in input order, or a dict by input name). Returns the model's
+output in the model's own structure (one array, a list, or a dict by name).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject
+
+from predictq.celeryconf import NOOP_TASK, PREDICT_TASK, SENT_AT_HEADER
+from predictq.errors import (
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    InvalidInput,
+    ModelNotReady,
+    PoisonJob,
+    PredictqError,
+)
+from workers import metrics
+from workers.app import app
+from workers.runtime import JobContext, current_runtime
+
+
+class PredictTask(Task):  # type: ignore[misc]
+    """Base of the prediction task: late acks, typed errors, metrics."""
+
+    # Expected, caller-caused outcomes: Celery logs them without a traceback.
+    throws = (InvalidInput, DeadlineExceeded, PoisonJob, DeviceOutOfMemory)
+    acks_late = True
+    # Predictions are pure: re-running a job whose worker died is safe.
+    reject_on_worker_lost = True
+    typing = False
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        metrics.JOBS.labels(outcome="success", error_type="").inc()
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        metrics.JOBS.labels(outcome="failure", error_type=type(exc).__name__).inc()
+
+
+def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"inputs"}:
+        return kwargs["inputs"]
+    raise InvalidInput(
+        f"{PREDICT_TASK}: expected exactly one argument `inputs`, received "
+        f"{len(args)} positional argument(s) and keyword arguments {sorted(kwargs)}"
+    )
+
+
+def _context(request: Any) -> JobContext:
+    delivery_info = request.delivery_info or {}
+    deadline = None
+    expires = request.expires
+    if expires:
+        when = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+        remaining_s = when.timestamp() - time.time()
+        deadline = time.monotonic() + remaining_s
+    sent_at = (request.headers or {}).get(SENT_AT_HEADER) if request.headers else None
+    if sent_at is None:
+        sent_at = getattr(request, SENT_AT_HEADER, None)
+    if isinstance(sent_at, int | float):
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - sent_at))
+    return JobContext(
+        task_id=request.id,
+        redelivered=bool(delivery_info.get("redelivered")),
+        deadline=deadline,
+    )
+
+
+@app.task(bind=True, base=PredictTask, name=PREDICT_TASK)
+def predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
+    """Predict the model's output for ``inputs``."""
+    raw = _the_input(args, kwargs)
+    try:
+        runtime = current_runtime()
+        return runtime.predict(raw, _context(self.request))
+    except ModelNotReady as e:
+        # Only while this process shuts down: hand the job to another worker.
+        raise Reject(str(e), requeue=True) from e
+    except PredictqError:
+        raise
+
+
+@app.task(name=NOOP_TASK, acks_late=True)
+def noop(*args: Any, **kwargs: Any) -> None:
+    """Do nothing: the per-message ceiling of the queue (used by the benchmark)."""
+    return None
