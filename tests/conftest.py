@@ -1,0 +1,63 @@
+"""Fixtures: a throwaway redis-server, tiny real Keras models, real worker processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from predictq.redis_server import RedisServer  # noqa: E402
+from producer import PredictionClient  # noqa: E402
+from tests.support import models  # noqa: E402
+from tests.support.processes import WorkerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server on a free port for the whole session (system binary or bundled)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mlp_path(model_dir: Path) -> str:
+    """A small real MLP (16 features -> 4 classes) saved as .keras."""
+    return models.build_mlp(str(model_dir / "mlp.keras"))
+
+
+@pytest.fixture(scope="session")
+def mlp_worker(redis_server: RedisServer, mlp_path: str) -> Iterator[WorkerProcess]:
+    """A real threads-pool worker (concurrency 16) serving the MLP, shared by many tests."""
+    worker = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=mlp_path,
+        pool="threads",
+        concurrency=16,
+        queue="mlp",
+        name="mlp",
+        env={"PREDICTQ_MAX_BATCH_SIZE": "64", "PREDICTQ_MAX_JOB_SAMPLES": "5000",
+             "PREDICTQ_MAX_PAYLOAD_BYTES": str(1024 * 1024)},
+    ).start()
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+@pytest.fixture()
+def client(redis_server: RedisServer, mlp_worker: WorkerProcess) -> Iterator[PredictionClient]:
+    """A producer talking to the shared MLP worker."""
+    with PredictionClient(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
+                          queue="mlp", result_timeout_s=60) as c:
+        yield c

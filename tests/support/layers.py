@@ -1,0 +1,50 @@
+"""Test-only Keras layers, imported by workers through PREDICTQ_MODEL_IMPORTS."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+#: A sample whose first feature equals this kills the worker process.
+POISON = 666.0
+
+
+@keras.saving.register_keras_serializable(package="predictq_tests")
+class OomAbove(keras.layers.Layer):  # type: ignore[misc]
+    """Identity, except that a batch above ``max_rows`` allocates ~800 GB: a real OOM."""
+
+    def __init__(self, max_rows: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_rows = max_rows
+
+    def call(self, x: Any) -> Any:
+        n = tf.shape(x)[0]
+
+        def explode() -> Any:
+            huge = tf.ones(tf.stack([tf.cast(n, tf.int64) * (2**36)]), tf.float32)
+            return tf.reduce_max(huge)
+
+        scale = tf.cond(n > self.max_rows, explode, lambda: tf.constant(1.0))
+        return x * scale
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "max_rows": self.max_rows}
+
+
+def _exit_if_poisoned(x: Any) -> Any:
+    if bool(tf.reduce_any(tf.equal(x[:, 0], POISON))):
+        os._exit(17)  # what a segfaulting native op looks like to Celery
+    return x
+
+
+@keras.saving.register_keras_serializable(package="predictq_tests")
+class ExitOnPoison(keras.layers.Layer):  # type: ignore[misc]
+    """Identity, except that the process dies when a sample starts with POISON."""
+
+    def call(self, x: Any) -> Any:
+        out = tf.py_function(_exit_if_poisoned, [x], tf.float32)
+        out.set_shape(x.shape)
+        return out

@@ -1,0 +1,98 @@
+"""Tiny real Keras models the tests build themselves (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+FEATURES = 16
+CLASSES = 4
+
+
+def build_mlp(path: str, *, features: int = FEATURES, classes: int = CLASSES,
+              seed: int = 1) -> str:
+    """A small MLP saved at ``path`` (.keras or .h5)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,), name="x")
+    hidden = keras.layers.Dense(32, activation="relu")(inputs)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="probs")(hidden)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def build_multi_io(path: str, *, dict_io: bool = True, seed: int = 2) -> str:
+    """Two inputs (a: 6 float features, b: 3x2 image-like), two outputs."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    a = keras.Input((6,), name="a")
+    b = keras.Input((3, 2), name="b")
+    joined = keras.layers.Concatenate()([a, keras.layers.Flatten()(b)])
+    score = keras.layers.Dense(1, name="score")(joined)
+    klass = keras.layers.Dense(3, activation="softmax", name="klass")(joined)
+    if dict_io:
+        model = keras.Model({"a": a, "b": b}, {"score": score, "klass": klass})
+    else:
+        model = keras.Model([a, b], [score, klass])
+    model.save(path)
+    return path
+
+
+def export_savedmodel(path: str, *, features: int = FEATURES, seed: int = 3) -> str:
+    """A TensorFlow SavedModel directory with a serving_default signature."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((features,), name="x"),
+                              keras.layers.Dense(5, activation="tanh")])
+    model.export(path, verbose=False)
+    return path
+
+
+def build_oom_model(path: str, *, max_rows: int, features: int = FEATURES) -> str:
+    """An MLP that really runs out of memory on batches above ``max_rows``."""
+    import keras
+
+    from tests.support.layers import OomAbove
+
+    inputs = keras.Input((features,), name="x")
+    guarded = OomAbove(max_rows)(inputs)
+    outputs = keras.layers.Dense(3, name="y")(guarded)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def build_poison_model(path: str, *, features: int = FEATURES) -> str:
+    """An MLP whose process exits when a sample's first feature is POISON."""
+    import keras
+
+    from tests.support.layers import ExitOnPoison
+
+    inputs = keras.Input((features,), name="x")
+    checked = ExitOnPoison()(inputs)
+    outputs = keras.layers.Dense(2, name="y")(checked)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def reference(path: str, x: Any) -> Any:
+    """The in-process model output for ``x`` (what the queue must return)."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    out = model(x, training=False)
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in out.items()}
+    if isinstance(out, list | tuple):
+        return [np.asarray(v) for v in out]
+    return np.asarray(out)
+
+
+def env_for_worker_imports() -> dict[str, str]:
+    """Make ``tests.support.layers`` importable in worker subprocesses."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}

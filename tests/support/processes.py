@@ -1,0 +1,140 @@
+"""Real worker processes for integration tests, started and stopped by fixtures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from predictq.readiness import read_records
+from predictq.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment of a test subprocess: quiet TensorFlow, repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTQ_")}
+    env.update({
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "PYTHONUNBUFFERED": "1",
+        # Tests run many TensorFlow processes on 2 cores: keep each one small.
+        "PREDICTQ_INTRA_OP_THREADS": "2",
+        "PREDICTQ_INTER_OP_THREADS": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
+             on_timeout: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy (the value), or fail.
+
+    Used only for state that has no event to wait on (a process's readiness
+    record in Redis, a port opening); results are always awaited directly.
+    """
+    give_up = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            detail = on_timeout() if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}. {detail}")
+        time.sleep(0.05)
+
+
+class WorkerProcess:
+    """`predictq worker` as a subprocess, with its log captured to a file."""
+
+    def __init__(self, *, broker_url: str, result_backend: str, model_path: str,
+                 pool: str = "threads", concurrency: int = 8, queue: str = "predictq",
+                 env: Mapping[str, str] | None = None, name: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.name = name or f"w{free_port()}"
+        self.pool = pool
+        self.result_backend = result_backend
+        self.metrics_port = free_port()
+        self.env = base_env(
+            PREDICTQ_BROKER_URL=broker_url,
+            PREDICTQ_RESULT_BACKEND=result_backend,
+            PREDICTQ_MODEL_PATH=model_path,
+            PREDICTQ_QUEUE=queue,
+            PREDICTQ_METRICS_PORT=str(self.metrics_port),
+            **dict(env or {}),
+        )
+        self.argv = [sys.executable, "-m", "predictq.cli", "worker", "--pool", pool,
+                     "-c", str(concurrency), "-n", f"{self.name}@%h", *extra_args]
+        fd, self.log_path = tempfile.mkstemp(prefix=f"predictq-{self.name}-", suffix=".log")
+        os.close(fd)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        """Start the process (returns at once; see ``wait_ready``)."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log(self) -> str:
+        """Everything the worker printed so far."""
+        return Path(self.log_path).read_text(errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Readiness records of this worker's processes."""
+        client = redis.Redis.from_url(self.result_backend, socket_timeout=5)
+        try:
+            return [r for r in read_records(client)
+                    if r.get("nodename", "").startswith(self.name + "@")]
+        finally:
+            client.close()
+
+    def wait_ready(self, processes: int = 1, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Block until ``processes`` readiness records exist (model loaded, warm)."""
+        def ready() -> list[dict[str, Any]] | None:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited with {self.process.returncode}"
+                                     f":\n{self.log()[-4000:]}")
+            records = self.records()
+            return records if len(records) >= processes else None
+
+        return wait_for(ready, timeout_s, f"worker {self.name} to be ready",
+                        lambda: self.log()[-3000:])  # type: ignore[no-any-return]
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM (warm shutdown) and wait; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the worker process (and, for prefork, its children via the group)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        """Best-effort cleanup for fixtures."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            self.terminate(30)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -1,0 +1,313 @@
+"""The batcher's invariants, with a fake model (pure unit tests; see test_end_to_end for real)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, ModelNotReady, PredictionError
+from workers.batcher import Batcher, BatchStats
+
+Array = np.ndarray[Any, Any]
+
+
+class FakeModel:
+    """Doubles its input; records every batch size; optional failure rules."""
+
+    def __init__(self, *, oom_above: int | None = None, fail_on: float | None = None,
+                 gate: threading.Event | None = None) -> None:
+        self.batches: list[int] = []
+        self.oom_above = oom_above
+        self.fail_on = fail_on
+        self.gate = gate
+        self.entered = threading.Event()
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: list[Array]) -> list[Array]:
+        with self._lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        self.entered.set()
+        try:
+            if self.gate is not None:
+                self.gate.wait(10)
+            (x,) = inputs
+            self.batches.append(x.shape[0])
+            if self.oom_above is not None and x.shape[0] > self.oom_above:
+                raise DeviceOutOfMemory(f"fake OOM at {x.shape[0]} rows")
+            if self.fail_on is not None and (x[:, 0] == self.fail_on).any():
+                raise ValueError("poisoned sample")
+            return [x * 2, x[:, :1] + 1]
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+
+def rows(start: int, n: int) -> Array:
+    return np.arange(start, start + n, dtype=np.float32).reshape(n, 1).repeat(3, axis=1)
+
+
+@pytest.fixture()
+def make() -> Any:
+    batchers: list[Batcher] = []
+
+    def factory(model: Any, **kw: Any) -> Batcher:
+        kw.setdefault("max_batch_size", 8)
+        kw.setdefault("batch_wait_ms", 5)
+        b = Batcher(model, **kw)
+        b.start()
+        batchers.append(b)
+        return b
+
+    yield factory
+    for b in batchers:
+        b.close(5)
+
+
+def test_parameters_are_validated_with_the_bad_value_in_the_message() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be integer >= 1, got 0"):
+        Batcher(FakeModel(), max_batch_size=0, batch_wait_ms=1)
+    with pytest.raises(ValueError, match="batch_wait_ms must be >= 0, got -1"):
+        Batcher(FakeModel(), max_batch_size=4, batch_wait_ms=-1)
+
+
+def test_concurrent_requests_share_one_device_call_and_get_their_own_rows(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=64)
+    # The first call blocks on the gate so that the next 20 requests queue up.
+    first = batcher.submit([rows(1000, 1)])
+    assert model.entered.wait(5)
+    futures = [batcher.submit([rows(i * 10, 2)]) for i in range(20)]
+    gate.set()
+    assert np.array_equal(first.result(5)[0], rows(1000, 1) * 2)
+    for i, f in enumerate(futures):
+        doubled, plus_one = f.result(5)
+        assert np.array_equal(doubled, rows(i * 10, 2) * 2)
+        assert np.array_equal(plus_one, rows(i * 10, 2)[:, :1] + 1)
+    assert model.batches == [1, 40]
+
+
+def test_only_one_device_call_runs_at_a_time(make: Any) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=4, batch_wait_ms=0)
+    with ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(lambda i: batcher.submit([rows(i, 1)]), range(200)))
+    for i, f in enumerate(futures):
+        assert f.result(5)[0][0, 0] == 2 * i
+    assert model.max_concurrent == 1
+
+
+def test_batch_is_capped_at_max_batch_size_samples(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=5)
+    blocker = batcher.submit([rows(0, 1)])
+    assert model.entered.wait(5)
+    futures = [batcher.submit([rows(i, 2)]) for i in range(6)]
+    gate.set()
+    blocker.result(5)
+    for f in futures:
+        f.result(5)
+    assert all(b <= 5 for b in model.batches)
+    assert sum(model.batches) == 13
+
+
+def test_a_job_larger_than_max_batch_size_is_split_and_reassembled_in_order(make: Any) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=8)
+    x = rows(0, 37)
+    doubled, plus_one = batcher.submit([x]).result(5)
+    assert np.array_equal(doubled, x * 2)
+    assert np.array_equal(plus_one, x[:, :1] + 1)
+    assert max(model.batches) <= 8
+    assert sum(model.batches) == 37
+
+
+def test_a_failing_job_fails_alone_and_its_batch_neighbours_succeed(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(fail_on=-1.0, gate=gate)
+    batcher = make(model, max_batch_size=64)
+    blocker = batcher.submit([rows(100, 1)])
+    assert model.entered.wait(5)
+    good = [batcher.submit([rows(i, 1)]) for i in range(5)]
+    bad = batcher.submit([np.full((1, 3), -1.0, dtype=np.float32)])
+    more = [batcher.submit([rows(50 + i, 1)]) for i in range(5)]
+    gate.set()
+    blocker.result(5)
+    with pytest.raises(PredictionError, match="poisoned sample") as info:
+        bad.result(5)
+    assert isinstance(info.value.__cause__, ValueError)
+    for i, f in enumerate(good):
+        assert f.result(5)[0][0, 0] == 2 * i
+    for i, f in enumerate(more):
+        assert f.result(5)[0][0, 0] == 2 * (50 + i)
+
+
+def test_out_of_memory_splits_the_batch_in_halves_until_it_fits(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(oom_above=3, gate=gate)
+    batcher = make(model, max_batch_size=16)
+    blocker = batcher.submit([rows(0, 1)])
+    assert model.entered.wait(5)
+    futures = [batcher.submit([rows(i * 2, 2)]) for i in range(6)]  # 12 rows queued
+    gate.set()
+    blocker.result(5)
+    for i, f in enumerate(futures):
+        assert np.array_equal(f.result(5)[0], rows(i * 2, 2) * 2)
+    assert 12 in model.batches  # the first try was one batch of all 12 rows
+    ok_calls = [b for b in model.batches if b <= 3]
+    assert sum(ok_calls) == 13  # every row then ran once in a batch that fit
+
+
+def test_a_single_job_splits_its_rows_on_oom_and_a_single_sample_that_never_fits_fails_alone(
+    make: Any,
+) -> None:
+    model = FakeModel(oom_above=2)
+    batcher = make(model, max_batch_size=16)
+    x = rows(0, 7)
+    assert np.array_equal(batcher.submit([x]).result(5)[0], x * 2)
+
+    never = FakeModel(oom_above=0)
+    batcher2 = make(never, max_batch_size=16)
+    with pytest.raises(DeviceOutOfMemory, match="one sample of this job does not fit"):
+        batcher2.submit([rows(0, 4)]).result(5)
+
+
+def test_output_length_is_checked_against_input_length(make: Any) -> None:
+    batcher = make(lambda inputs: [inputs[0][:-1]], max_batch_size=8)
+    with pytest.raises(PredictionError, match="model output 0 has 2 rows for a batch of 3"):
+        batcher.submit([rows(0, 3)]).result(5)
+
+
+def test_a_request_past_its_deadline_is_dropped_not_run(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=8)
+    blocker = batcher.submit([rows(0, 1)])
+    assert model.entered.wait(5)
+    late = batcher.submit([rows(5, 1)], deadline=time.monotonic() - 1)
+    on_time = batcher.submit([rows(6, 1)], deadline=time.monotonic() + 60)
+    gate.set()
+    blocker.result(5)
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert on_time.result(5)[0][0, 0] == 12
+    assert sum(model.batches) == 2  # the late request never reached the model
+
+
+def test_isolated_requests_run_alone_and_before_run_can_refuse_them(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=64)
+    blocker = batcher.submit([rows(0, 1)])
+    assert model.entered.wait(5)
+    normal = [batcher.submit([rows(i, 1)]) for i in range(4)]
+    calls: list[str] = []
+    alone = batcher.submit([rows(9, 3)], isolated=True, before_run=lambda: calls.append("ran"))
+
+    def refuse() -> None:
+        raise ModelNotReady("refused by hook")
+
+    refused = batcher.submit([rows(9, 1)], isolated=True, before_run=refuse)
+    gate.set()
+    blocker.result(5)
+    for f in normal:
+        f.result(5)
+    assert np.array_equal(alone.result(5)[0], rows(9, 3) * 2)
+    with pytest.raises(ModelNotReady, match="refused by hook"):
+        refused.result(5)
+    assert calls == ["ran"]
+    assert model.batches == [1, 4, 3]
+
+
+def test_the_wait_for_more_jobs_ends_at_once_when_none_is_announced(make: Any) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=64, batch_wait_ms=10_000)
+    started = time.monotonic()
+    batcher.submit([rows(0, 1)]).result(5)
+    assert time.monotonic() - started < 5  # not the 10 s wait
+
+
+def test_an_announced_job_is_waited_for_and_joins_the_batch(make: Any) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=64, batch_wait_ms=10_000)
+    announced, go = threading.Event(), threading.Event()
+    second: list[Any] = []
+
+    def late_arrival() -> None:
+        with batcher.announce():
+            announced.set()
+            go.wait(5)
+            second.append(batcher.submit([rows(7, 1)]))
+
+    announcer = threading.Thread(target=late_arrival)
+    announcer.start()
+    assert announced.wait(5)
+    first = batcher.submit([rows(3, 1)])
+    go.set()
+    announcer.join(5)
+    assert first.result(5)[0][0, 0] == 6
+    assert second[0].result(5)[0][0, 0] == 14
+    assert model.batches == [2]
+
+
+def test_a_crashing_device_thread_fails_every_pending_request() -> None:
+    gate = threading.Event()
+
+    def crash(inputs: list[Array]) -> list[Array]:
+        gate.wait(5)
+        raise SystemExit("the device thread dies")  # not an Exception: escapes per-request handling
+
+    batcher = Batcher(crash, max_batch_size=1, batch_wait_ms=0)
+    batcher.start()
+    futures = [batcher.submit([rows(i, 1)]) for i in range(5)]
+    gate.set()
+    for f in futures:
+        with pytest.raises(PredictionError, match="device thread crashed"):
+            f.result(5)
+    with pytest.raises(ModelNotReady):
+        batcher.submit([rows(0, 1)])
+
+
+def test_close_finishes_queued_requests_then_refuses_new_ones(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=2)
+    futures = [batcher.submit([rows(i, 1)]) for i in range(7)]
+    closer = threading.Thread(target=batcher.close, args=(10,))
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert [f.result(0)[0][0, 0] for f in futures] == [2 * i for i in range(7)]
+    with pytest.raises(ModelNotReady, match="shutting down"):
+        batcher.submit([rows(0, 1)])
+
+
+def test_batches_of_different_feature_shapes_never_mix(make: Any) -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def shape_model(inputs: list[Array]) -> list[Array]:
+        seen.append(inputs[0].shape)
+        return [inputs[0].sum(axis=1)]
+
+    batcher = make(shape_model, max_batch_size=64)
+    a = [batcher.submit([np.ones((1, 3), np.float32)]) for _ in range(3)]
+    b = [batcher.submit([np.ones((1, 5), np.float32)]) for _ in range(3)]
+    assert all(f.result(5)[0][0] == 3 for f in a)
+    assert all(f.result(5)[0][0] == 5 for f in b)
+    assert {s[1] for s in seen} == {3, 5}
+
+
+def test_batch_stats_are_reported_per_device_call(make: Any) -> None:
+    stats: list[BatchStats] = []
+    batcher = make(FakeModel(), max_batch_size=8, on_batch=stats.append)
+    batcher.submit([rows(0, 5)]).result(5)
+    assert stats[0].samples == 5 and stats[0].requests == 1 and stats[0].device_s >= 0
