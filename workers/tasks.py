@@ -8,11 +8,11 @@ output in the model's own structure (one array, a list, or a dict by name).
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from predictq.celeryconf import NOOP_TASK, PREDICT_TASK, SENT_AT_HEADER
 from predictq.errors import (
@@ -62,7 +62,9 @@ def _context(request: Any) -> JobContext:
     deadline = None
     expires = request.expires
     if expires:
-        when = datetime.fromisoformat(expires) if isinstance(expires, str) else expires
+        # Celery already parsed and validated this header when it built the
+        # request (a malformed one is refused before the task runs).
+        when = maybe_make_aware(maybe_iso8601(expires))
         remaining_s = when.timestamp() - time.time()
         deadline = time.monotonic() + remaining_s
     sent_at = (request.headers or {}).get(SENT_AT_HEADER) if request.headers else None

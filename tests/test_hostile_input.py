@@ -1,0 +1,177 @@
+"""Hostile and broken input: each case fails alone with a typed error, the worker keeps serving.
+
+Most cases bypass the producer's own checks and put crafted messages on the
+queue, the way a buggy or malicious client in any language could.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from celery import Celery
+from kombu.serialization import register
+
+from predictq.codec import CONTENT_TYPE
+from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge, PredictqError
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+from tests.support import models
+
+F = models.FEATURES
+VALID = np.full((2, F), 0.5, np.float32)
+
+
+def _nd(dtype: str, shape: list[int], data: bytes) -> dict[str, Any]:
+    return {"__ndarray__": 1, "dtype": dtype, "shape": shape, "data": data}
+
+
+# Serializers a hostile client might use: our content type with raw msgpack
+# (crafted maps), our content type with garbage, and content types we refuse.
+register("raw-msgpack", lambda v: msgpack.packb(v, use_bin_type=True), msgpack.unpackb,
+         content_type=CONTENT_TYPE, content_encoding="binary")
+register("corrupt-msgpack", lambda v: b"\x93\xc1\xc1 not msgpack", msgpack.unpackb,
+         content_type=CONTENT_TYPE, content_encoding="binary")
+register("unknown-type", lambda v: json.dumps(v).encode(), json.loads,
+         content_type="application/x-something-else", content_encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile job: how it is sent, and the error it must end with."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    serializer: str = "raw-msgpack"
+    error: type[PredictqError] = InvalidInput
+    match: str = ""
+    headers: dict[str, Any] | None = None
+
+
+CASES: dict[str, Case] = {
+    "wrong rank": Case((_nd("<f4", [F], b"\0" * 4 * F),),
+                       match=r"expected rank 2 with shape \[N, 16\], received rank 1"),
+    "wrong feature shape": Case((_nd("<f4", [2, F + 3], b"\0" * 4 * 2 * (F + 3)),),
+                                match=r"expected shape \[N, 16\], received \[2, 19\]"),
+    "wrong dtype (datetime)": Case((_nd("<M8[s]", [1, F], b"\0" * 8 * F),),
+                                   match="expected a numeric dtype .* received dtype '<M8"),
+    "object array": Case((_nd("|O", [1, F], b"\0" * 8 * F),),
+                         match="expected a numeric dtype .* received dtype '\\|O'"),
+    "string array": Case((_nd("<U4", [1, F], b"\0" * 16 * F),),
+                         match="received dtype '<U4'"),
+    "strings in json lists": Case(([["a"] * F],), serializer="json",
+                                  match="expected a numeric dtype"),
+    "complex numbers": Case((_nd("<c8", [1, F], b"\0" * 8 * F),), match="received dtype '<c8'"),
+    "nan": Case(([[float("nan")] + [0.0] * (F - 1)],), serializer="json",
+                match="expected finite values, received 1 NaN/Inf"),
+    "inf": Case((_nd("<f4", [1, F], np.full((1, F), np.inf, np.float32).tobytes()),),
+                match=f"received {F} NaN/Inf"),
+    "empty batch": Case((_nd("<f4", [0, F], b""),), match="received an empty batch"),
+    "ragged lists": Case(([[0.0] * F, [0.0] * (F - 1)],), serializer="json",
+                         match="ragged nested list"),
+    "bytes shorter than shape x dtype": Case(
+        (_nd("<f4", [2, F], b"\0" * (8 * F - 1)),),
+        match=r"shape \[2, 16\] of dtype <f4 needs 128 bytes, received 127"),
+    "bytes longer than shape x dtype": Case(
+        (_nd("<f4", [1, F], b"\0" * 4 * (F + 1)),), match="needs 64 bytes, received 68"),
+    "negative dimension": Case((_nd("<f4", [-1, F], b""),),
+                               match="expected 'shape' as a list of non-negative integers"),
+    "unknown dtype string": Case((_nd("float-ish", [1, F], b""),),
+                                 match="expected a numpy dtype string"),
+    "array map without data": Case(({"__ndarray__": 1, "dtype": "<f4", "shape": [1]},),
+                                   match="expected keys 'dtype', 'shape' and 'data'"),
+    "invalid base64 in json": Case(({"__ndarray__": 1, "dtype": "<f4", "shape": [1, F],
+                                     "data": "%%%"},), serializer="json",
+                                   match="not valid base64"),
+    "scalar instead of array": Case((3.5,), serializer="json",
+                                    match=r"expected an array .* received float"),
+    "text instead of array": Case(("rm -rf /",), serializer="json",
+                                  match=r"expected an array .* received str"),
+    "dict with the wrong input name": Case(({"pixels": [[0.0] * F]},), serializer="json",
+                                           match=r"expected keys \['x'\], received keys"),
+    "corrupted msgpack": Case((VALID,), serializer="corrupt-msgpack",
+                              error=InvalidInput, match="do not decode"),
+    "unknown content type": Case((VALID.tolist(),), serializer="unknown-type",
+                                 error=InvalidMessage,
+                                 match="expected content type .* received "
+                                       "'application/x-something-else'"),
+    "payload over the size limit": Case(
+        (_nd("<f4", [20_000, F], b"\0" * 4 * 20_000 * F),), error=PayloadTooLarge,
+        match=r"expected at most 1048576 bytes .* received 128\d{4} bytes"),
+    "batch over the sample limit": Case((_nd("<f4", [5001, F], b"\0" * 4 * 5001 * F),),
+                                        match="expected at most 5000 samples per job"),
+    "missing task argument": Case((), match="expected exactly one argument `inputs`, "
+                                            "received 0 positional"),
+    "extra task argument": Case((VALID.tolist(), VALID.tolist()), serializer="json",
+                                match="received 2 positional argument"),
+    "unknown keyword argument": Case((VALID.tolist(),), {"temperature": 2}, serializer="json",
+                                     match=r"keyword arguments \['temperature'\]"),
+    "absurd expiry header": Case((VALID.tolist(),), serializer="json", error=InvalidMessage,
+                                 headers={"expires": "the twelfth of never"},
+                                 match="message refused"),
+}
+
+
+def publish_raw(app: Celery, case: Case) -> str:
+    """Publish a protocol-2 task message, headers and body as crafted by ``case``."""
+    task_id = str(uuid.uuid4())
+    headers, properties, body, sent_event = app.amqp.create_task_message(
+        task_id, "predictq.predict", case.args, case.kwargs or {})
+    headers.update(case.headers or {})
+    with app.producer_or_acquire() as producer:
+        app.amqp.send_task_message(producer, "predictq.predict",
+                                   (headers, properties, body, sent_event),
+                                   queue="mlp", serializer=case.serializer)
+    return task_id
+
+
+@pytest.fixture()
+def hostile(redis_server: RedisServer) -> Iterator[Celery]:
+    app = Celery("hostile", broker=redis_server.url(0), set_as_current=False)
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_job_fails_alone_with_a_typed_error_and_the_worker_keeps_serving(
+    name: str, hostile: Celery, client: PredictionClient, mlp_path: str
+) -> None:
+    case = CASES[name]
+    task_id = publish_raw(hostile, case)
+    with pytest.raises(case.error, match=case.match):
+        client.job(task_id).get(timeout=60)
+    out = client.predict(VALID, timeout=60)
+    assert np.allclose(out, models.reference(mlp_path, VALID), atol=1e-5)
+
+
+ProducerCall = Callable[[PredictionClient], Any]
+PRODUCER_CASES: dict[str, tuple[ProducerCall, str]] = {
+    "negative timeout": (lambda c: c.predict(VALID, timeout=-1), r"timeout: expected seconds"),
+    "absurd timeout": (lambda c: c.predict(VALID, timeout=1e12), r"received 1000000000000"),
+    "nan timeout": (lambda c: c.predict(VALID, timeout=float("nan")), "received nan"),
+    "negative deadline": (lambda c: c.submit(VALID, deadline_s=-5), r"deadline_s: expected"),
+    "object array": (lambda c: c.submit(np.array([[object()] * F])), "expected a numeric dtype"),
+    "ragged input": (lambda c: c.submit([[1.0, 2.0], [3.0]]), "ragged"),
+    "oversized job": (lambda c: c.submit(np.zeros((20_000, F), np.float32)),
+                      "expected at most 1048576 bytes"),
+    "bad chunk size": (lambda c: c.predict_many(VALID, chunk_size=0), "chunk_size: expected"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRODUCER_CASES))
+def test_the_producer_refuses_bad_calls_before_sending_anything(
+    name: str, redis_server: RedisServer, client: PredictionClient
+) -> None:
+    call, match = PRODUCER_CASES[name]
+    client.settings = client.settings.replace(max_payload_bytes=1024 * 1024)
+    before = client.queue_length()
+    with pytest.raises(InvalidInput, match=match):
+        call(client)
+    assert client.queue_length() == before
+    assert client.predict(VALID, timeout=60).shape == (2, 4)

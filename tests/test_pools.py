@@ -1,0 +1,88 @@
+"""One model load per worker process in every supported pool, and multi-input models end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+from tests.support import models
+from tests.support.processes import WorkerProcess
+
+
+@pytest.fixture()
+def private_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def run_jobs(client: PredictionClient, make_input: object, jobs: int, threads: int) -> list[object]:
+    def one(i: int) -> object:
+        return client.predict(make_input(i), timeout=120)  # type: ignore[operator]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(jobs)))
+
+
+def test_solo_pool_loads_once_and_serves_a_multi_input_multi_output_model(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    path = models.build_multi_io(str(tmp_path / "multi.keras"), dict_io=True)
+    worker = WorkerProcess(broker_url=private_redis.url(0), result_backend=private_redis.url(1),
+                           model_path=path, pool="solo", name="solo").start()
+    try:
+        (record,) = worker.wait_ready()
+        rng = np.random.default_rng(0)
+        a = rng.random((100, 4, 6), dtype=np.float32)
+        b = rng.random((100, 4, 3, 2), dtype=np.float32)
+        with PredictionClient(broker_url=private_redis.url(0),
+                              result_backend=private_redis.url(1)) as client:
+            outs = run_jobs(client, lambda i: {"a": a[i], "b": b[i]}, 100, 8)
+            as_list = client.predict([a[0], b[0]], timeout=60)
+        for i, out in enumerate(outs):
+            ref = models.reference(path, {"a": a[i], "b": b[i]})
+            assert set(out) == {"score", "klass"}  # type: ignore[arg-type]
+            for k in ref:
+                assert np.allclose(out[k], ref[k], atol=1e-5)  # type: ignore[index]
+        assert np.allclose(as_list["klass"], outs[0]["klass"], atol=1e-6)  # type: ignore[index]
+        assert record["pid"] == worker.pid and record["pool"] == "solo"
+        assert [r["loads"] for r in worker.records()] == [1]
+    finally:
+        worker.stop()
+
+
+def test_prefork_pool_loads_once_per_child_and_never_in_the_parent(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    path = models.export_savedmodel(str(tmp_path / "savedmodel"))
+    worker = WorkerProcess(broker_url=private_redis.url(0), result_backend=private_redis.url(1),
+                           model_path=path, pool="prefork", concurrency=2, name="prefork").start()
+    try:
+        worker.wait_ready(processes=2)
+        x = np.random.default_rng(1).random((100, 3, models.FEATURES), dtype=np.float32)
+        with PredictionClient(broker_url=private_redis.url(0),
+                              result_backend=private_redis.url(1)) as client:
+            outs = run_jobs(client, lambda i: x[i], 100, 8)
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        for i, out in enumerate(outs):
+            expected = next(iter(signature(x=x[i]).values())).numpy()
+            assert np.allclose(out, expected, atol=1e-5)  # type: ignore[arg-type]
+        records = worker.records()
+        children = {p.pid for p in psutil.Process(worker.pid).children()}
+        assert len(records) == 2
+        assert {r["pid"] for r in records} == children
+        assert worker.pid not in {r["pid"] for r in records}
+        assert all(r["loads"] == 1 and r["pool"] == "prefork" for r in records)
+        # The parent never imported TensorFlow (it is not fork-safe).
+        parent_maps = Path(f"/proc/{worker.pid}/maps").read_text()
+        assert "libtensorflow" not in parent_maps
+    finally:
+        worker.stop()
