@@ -41,6 +41,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_channel_error_retry": True,
+        # Storing a result retries through a Redis restart (about a minute)
+        # instead of turning a finished prediction into a failure.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 40,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "result_backend_transport_options": {
             "retry_policy": {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5,
                              "interval_max": 1.0},

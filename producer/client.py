@@ -38,7 +38,8 @@ from predictq.errors import (
 from predictq.redis_client import client_from_url, queue_keys
 from predictq.settings import Settings, mask_url
 from producer import wire
-from producer.collector import ResultCollector
+from producer.collector import RESULT_KEY_PREFIX, ResultCollector
+from producer.recovery import LostJobRecovery
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,15 @@ class _ProducerBackend(RedisBackend):  # type: ignore[misc]
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         return None
+
+
+class _ProducerApp(Celery):  # type: ignore[misc]
+    """The producer's Celery app: its result backend is _ProducerBackend."""
+
+    # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
+    # `_get_backend`); passing `backend=` to the constructor would only set the
+    # `result_backend` setting, which the configuration then overrides.
+    backend_cls = _ProducerBackend
 
 
 def check_timeout(name: str, value: float | None) -> float | None:
@@ -148,8 +158,7 @@ class PredictionClient:
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.replace(**overrides) if overrides else base
         register_serializer()
-        self._app = Celery("predictq-producer", set_as_current=False,
-                           backend=_ProducerBackend)
+        self._app = _ProducerApp("predictq-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
         self._broker = client_from_url(self.settings.broker_url)
         self._results = client_from_url(self.settings.result_backend)
@@ -157,6 +166,16 @@ class PredictionClient:
         # decoder (serializer checks and exception rebuilding included).
         backend = self._app.backend
         self._collector = ResultCollector(self._results, backend.decode_result)
+        # Inputs of unfinished jobs, kept (by reference) so that a job the
+        # broker loses can be published again (producer/recovery.py).
+        self._unfinished: dict[str, tuple[Any, datetime | None]] = {}
+        self._recovery = LostJobRecovery(
+            self._broker,
+            queue_keys(self.settings.queue),
+            lost_after_s=self.settings.visibility_timeout_s,
+            results_exist=self._results_exist,
+            republish=self._republish,
+        )
         self._slots = threading.BoundedSemaphore(self.settings.max_in_flight)
         self._queue_lock = threading.Lock()
         self._queue_estimate: tuple[float, int] = (0.0, 0)
@@ -188,18 +207,36 @@ class PredictionClient:
                 f"(max_in_flight); still full after {self.settings.submit_timeout_s:g}s"
             )
         job_id = str(uuid.uuid4())
+        expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         try:
-            self._publish(job_id, normalized, deadline_s)
+            self._publish(job_id, normalized, expires)
         except BaseException:
             self._collector.forget(job_id)
             self._slots.release()
             raise
-        future.add_done_callback(lambda _f: self._slots.release())
+        self._unfinished[job_id] = (normalized, expires)
+        self._recovery.track(job_id)
+        future.add_done_callback(lambda _f: self._finished(job_id))
         return Job(self, job_id, future, rows)
 
-    def _publish(self, job_id: str, normalized: Any, deadline_s: float | None) -> None:
-        expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
+    def _finished(self, job_id: str) -> None:
+        self._unfinished.pop(job_id, None)
+        self._recovery.forget(job_id)
+        self._slots.release()
+
+    def _results_exist(self, job_ids: list[str]) -> list[bool]:
+        pipe = self._results.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(RESULT_KEY_PREFIX + job_id)
+        return [bool(n) for n in pipe.execute()]
+
+    def _republish(self, job_id: str) -> None:
+        entry = self._unfinished.get(job_id)
+        if entry is not None:
+            self._publish(job_id, *entry)
+
+    def _publish(self, job_id: str, normalized: Any, expires: datetime | None) -> None:
         give_up = time.monotonic() + self.settings.submit_timeout_s
         delay_s = 0.05
         while True:
@@ -310,6 +347,7 @@ class PredictionClient:
         if self._closed:
             return
         self._closed = True
+        self._recovery.close()
         self._collector.close()
         self._app.close()
         self._broker.close()

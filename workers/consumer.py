@@ -54,6 +54,21 @@ def message_error(message: Any, exc: BaseException) -> PredictqError:
 class PredictqConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, plus a stored failure result for refused messages."""
 
+    def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError:
+            # kombu 5.7 (Redis transport): `connection.collect()` drops the
+            # transport's client, then `connection.close()` closes the default
+            # channel, which tries to restore the unacknowledged messages
+            # through that client and raises AttributeError ('NoneType' object
+            # has no attribute 'hostname'). Celery calls that unrecoverable and
+            # the worker exits when Redis restarts. The messages are still in
+            # Redis's unacked index and the visibility timeout redelivers them,
+            # so carry on reconnecting.
+            log.warning("broker connection lost with unacknowledged messages; they are "
+                        "redelivered after PREDICTQ_VISIBILITY_TIMEOUT_S", exc_info=True)
+
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         super().on_decode_error(message, exc)
         self._store_failure(message, exc, "undecodable")

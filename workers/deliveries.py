@@ -16,13 +16,35 @@ counted (it was not known to be special), hence ``1 + count``.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 
-from predictq.errors import PoisonJob
+from predictq.errors import BrokerUnavailable, PoisonJob
 from predictq.redis_client import KEY_PREFIX
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a count may wait for Redis (restarting) before the job is requeued.
+REDIS_PATIENCE_S = 15.0
+
+
+def _patiently(op: Callable[[], T]) -> T:
+    """Run a Redis operation, retrying through a short outage (a Redis restart)."""
+    give_up = time.monotonic() + REDIS_PATIENCE_S
+    delay_s = 0.1
+    while True:
+        try:
+            return op()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() + delay_s > give_up:
+                raise BrokerUnavailable(f"cannot count the job's attempts in Redis: {e}") from e
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
 
 
 class DeliveryTracker:
@@ -44,17 +66,20 @@ class DeliveryTracker:
 
     def check(self, task_id: str) -> None:
         """Raise PoisonJob if the job already used all its attempts (no device use)."""
-        raw = self._client.get(self._key(task_id))
+        raw = _patiently(lambda: self._client.get(self._key(task_id)))
         attempts = 1 + int(raw or 0)
         if attempts >= self._max:
             raise self._error(task_id, attempts)
 
     def count_attempt(self, task_id: str) -> None:
         """Record one more attempt; raise PoisonJob if it would exceed the limit."""
-        pipe = self._client.pipeline()
-        pipe.incr(self._key(task_id))
-        pipe.expire(self._key(task_id), self._ttl_s)
-        count, _ = pipe.execute()
+        def incr() -> list[int]:
+            pipe = self._client.pipeline()
+            pipe.incr(self._key(task_id))
+            pipe.expire(self._key(task_id), self._ttl_s)
+            return pipe.execute()  # type: ignore[no-any-return]
+
+        count, _ = _patiently(incr)
         attempts = 1 + int(count)
         if attempts > self._max:
             raise self._error(task_id, attempts - 1)

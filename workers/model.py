@@ -51,13 +51,22 @@ class LoadedModel:
         return [np.asarray(o) for o in outputs]
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run one inference per batch size so the first real job pays no tracing cost."""
+        """Run one inference per batch size so the first real job pays no tracing cost.
+
+        A batch size that does not fit in device memory is logged, not fatal:
+        the batcher splits such batches when they happen.
+        """
         for n in batch_sizes:
             zeros = [
                 np.zeros((n, *(d or 1 for d in s.feature_shape)), dtype=s.dtype)
                 for s in self.spec.inputs
             ]
-            self(zeros)
+            try:
+                self(zeros)
+            except DeviceOutOfMemory as e:
+                log.warning("warm-up: a batch of %d samples does not fit in device memory (%s); "
+                            "such batches will be split; consider a smaller "
+                            "PREDICTQ_MAX_BATCH_SIZE", n, e)
 
 
 def import_model_modules(modules: Sequence[str]) -> None:

@@ -16,12 +16,12 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from predictq.celeryconf import NOOP_TASK, PREDICT_TASK, SENT_AT_HEADER
 from predictq.errors import (
+    BrokerUnavailable,
     DeadlineExceeded,
     DeviceOutOfMemory,
     InvalidInput,
     ModelNotReady,
     PoisonJob,
-    PredictqError,
 )
 from workers import metrics
 from workers.app import app
@@ -86,11 +86,11 @@ def predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
     try:
         runtime = current_runtime()
         return runtime.predict(raw, _context(self.request))
-    except ModelNotReady as e:
-        # Only while this process shuts down: hand the job to another worker.
+    except (ModelNotReady, BrokerUnavailable) as e:
+        # This process is shutting down, or Redis is restarting: hand the job
+        # back to the queue (if Redis cannot take it back now, the visibility
+        # timeout redelivers it). Predictions are pure, so running it again is safe.
         raise Reject(str(e), requeue=True) from e
-    except PredictqError:
-        raise
 
 
 @app.task(name=NOOP_TASK, acks_late=True)

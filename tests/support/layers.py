@@ -10,11 +10,14 @@ import tensorflow as tf
 
 #: A sample whose first feature equals this kills the worker process.
 POISON = 666.0
+#: A sample whose first feature is at least this never fits in "device memory".
+HUGE = 1000.0
 
 
 @keras.saving.register_keras_serializable(package="predictq_tests")
 class OomAbove(keras.layers.Layer):  # type: ignore[misc]
-    """Identity, except that a batch above ``max_rows`` allocates ~800 GB: a real OOM."""
+    """Identity, except for a real OOM (a ~800 GB allocation) on batches above ``max_rows``
+    or containing a sample whose first feature is >= HUGE (one that never fits)."""
 
     def __init__(self, max_rows: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -27,7 +30,8 @@ class OomAbove(keras.layers.Layer):  # type: ignore[misc]
             huge = tf.ones(tf.stack([tf.cast(n, tf.int64) * (2**36)]), tf.float32)
             return tf.reduce_max(huge)
 
-        scale = tf.cond(n > self.max_rows, explode, lambda: tf.constant(1.0))
+        too_big = tf.logical_or(n > self.max_rows, tf.reduce_any(x[:, 0] >= HUGE))
+        scale = tf.cond(too_big, explode, lambda: tf.constant(1.0))
         return x * scale
 
     def get_config(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -79,12 +80,16 @@ def build_poison_model(path: str, *, features: int = FEATURES) -> str:
     return path
 
 
-def reference(path: str, x: Any) -> Any:
-    """The in-process model output for ``x`` (what the queue must return)."""
+@functools.cache
+def _loaded(path: str) -> Any:
     import keras
 
-    model = keras.models.load_model(path, compile=False)
-    out = model(x, training=False)
+    return keras.models.load_model(path, compile=False)
+
+
+def reference(path: str, x: Any) -> Any:
+    """The in-process model output for ``x`` (what the queue must return)."""
+    out = _loaded(path)(x, training=False)
     if isinstance(out, dict):
         return {k: np.asarray(v) for k, v in out.items()}
     if isinstance(out, list | tuple):

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 
 from predictq.readiness import read_records
@@ -94,12 +95,25 @@ class WorkerProcess:
         """Everything the worker printed so far."""
         return Path(self.log_path).read_text(errors="replace")
 
+    def pids(self) -> set[int]:
+        """This worker's process and its pool children (prefork)."""
+        assert self.process is not None
+        try:
+            return {self.pid} | {c.pid for c in psutil.Process(self.pid).children()}
+        except psutil.NoSuchProcess:
+            return set()
+
     def records(self) -> list[dict[str, Any]]:
-        """Readiness records of this worker's processes."""
+        """Readiness records of this worker's live processes.
+
+        A killed worker's record outlives it until its TTL expires; filtering on
+        the live pids keeps a restarted worker from looking ready too early.
+        """
         client = redis.Redis.from_url(self.result_backend, socket_timeout=5)
+        pids = self.pids()
         try:
             return [r for r in read_records(client)
-                    if r.get("nodename", "").startswith(self.name + "@")]
+                    if r.get("nodename", "").startswith(self.name + "@") and r.get("pid") in pids]
         finally:
             client.close()
 

@@ -1,0 +1,278 @@
+"""Crashes, restarts, overload: no job is lost. Real redis-server and worker processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from predictq.errors import (
+    BrokerUnavailable,
+    DeadlineExceeded,
+    DeviceOutOfMemory,
+    PoisonJob,
+    PredictqError,
+    QueueFull,
+    ResultTimeout,
+    TooManyInFlight,
+)
+from predictq.redis_server import RedisServer, free_port
+from producer import Job, PredictionClient
+from tests.support import models
+from tests.support.layers import HUGE, POISON
+from tests.support.processes import WorkerProcess
+
+F = models.FEATURES
+
+
+@pytest.fixture()
+def aof_redis() -> Iterator[RedisServer]:
+    """A private redis-server with AOF persistence (fsync always), so restarts keep data."""
+    with RedisServer(appendonly=True) as server:
+        yield server
+
+
+def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
+    env = kw.pop("env", {})
+    return WorkerProcess(broker_url=server.url(0), result_backend=server.url(1),
+                         model_path=model_path, env=env, **kw)
+
+
+def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
+    return PredictionClient(broker_url=server.url(0), result_backend=server.url(1),
+                            result_timeout_s=180, **kw)
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, F), dtype=np.float32)
+
+
+def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
+    expected = models.reference(model_path, x.reshape(-1, F))
+    for i, job in enumerate(jobs):
+        out = job.get(timeout=180)
+        assert np.allclose(out, expected[i : i + 1], atol=1e-5), f"job {i} got another's result"
+
+
+def wait_results(jobs: list[Job], count: int) -> None:
+    """Block until ``count`` of ``jobs`` have their result (waiting on the jobs themselves)."""
+    for job in jobs[:count]:
+        job.get(timeout=120)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
+    aof_redis: RedisServer, mlp_path: str
+) -> None:
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "4"}
+    first = worker_on(aof_redis, mlp_path, concurrency=8, name="victim", env=env).start()
+    replacement = worker_on(aof_redis, mlp_path, concurrency=8, name="heir", env=env)
+    try:
+        first.wait_ready()
+        x = inputs(1500)
+        with client_on(aof_redis, visibility_timeout_s=4) as client:
+            jobs = [client.submit(x[i]) for i in range(len(x))]
+            wait_results(jobs, 100)
+            first.kill()  # SIGKILL: jobs are queued, reserved and in flight
+            unfinished = sum(not j.done() for j in jobs)
+            assert unfinished > 0
+            replacement.start().wait_ready()
+            assert_all_correct(jobs, x, mlp_path)
+    finally:
+        first.stop()
+        replacement.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_work_requeues_the_rest_and_exits_in_bounded_time(
+    aof_redis: RedisServer, mlp_path: str
+) -> None:
+    # A one-hour visibility timeout: anything the second worker finishes was
+    # handed back at shutdown, not recovered by a timeout.
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "3600", "PREDICTQ_SHUTDOWN_TIMEOUT_S": "20"}
+    first = worker_on(aof_redis, mlp_path, concurrency=16, name="leaver", env=env).start()
+    second = worker_on(aof_redis, mlp_path, concurrency=8, name="stayer", env=env)
+    try:
+        first.wait_ready()
+        x = inputs(1500, seed=1)
+        with client_on(aof_redis) as client:
+            jobs = [client.submit(x[i]) for i in range(len(x))]
+            wait_results(jobs, 100)
+            started = time.monotonic()
+            exit_code = first.terminate(timeout_s=60)
+            assert time.monotonic() - started < 30
+            assert exit_code == 0
+            assert "Warm shutdown" in first.log() or "worker: Warm shutdown" in first.log()
+            second.start().wait_ready()
+            assert_all_correct(jobs, x, mlp_path)
+    finally:
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_run_every_submitted_job_completes(
+    aof_redis: RedisServer, mlp_path: str
+) -> None:
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "5"}
+    worker = worker_on(aof_redis, mlp_path, concurrency=8, name="survivor", env=env).start()
+    try:
+        worker.wait_ready()
+        x = inputs(600, seed=2)
+        jobs: list[Job] = []
+        halfway = threading.Event()
+        with client_on(aof_redis, submit_timeout_s=60, visibility_timeout_s=5) as client:
+            def submitter() -> None:
+                for i in range(len(x)):
+                    jobs.append(client.submit(x[i]))
+                    if i == 200:
+                        halfway.set()
+
+            with ThreadPoolExecutor(1) as pool:
+                done = pool.submit(submitter)
+                assert halfway.wait(60)
+                aof_redis.restart()  # workers and producer must reconnect by themselves
+                done.result(timeout=120)  # every submit returned (retried through the outage)
+            assert len(jobs) == len(x)
+            assert_all_correct(jobs, x, mlp_path)
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_submit_with_redis_down_raises_broker_unavailable_in_bounded_time() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}"
+    with PredictionClient(broker_url=dead + "/0", result_backend=dead + "/1",
+                          submit_timeout_s=1) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=r"within 1s .*PREDICTQ_SUBMIT_TIMEOUT_S"):
+            client.submit(np.zeros((1, F), np.float32))
+        assert time.monotonic() - started < 15
+
+
+def wait_dead_or_done(worker: WorkerProcess, job: Job, timeout_s: float = 120) -> str:
+    """Block until the worker process exits ("dead") or the job has its outcome ("done")."""
+    give_up = time.monotonic() + timeout_s
+    assert worker.process is not None
+    while time.monotonic() < give_up:
+        if worker.process.poll() is not None:
+            return "dead"
+        try:
+            job.raw_result(timeout=0.2)
+            return "done"
+        except ResultTimeout:
+            continue
+        except PredictqError:
+            return "done"
+    raise AssertionError("neither the worker died nor the job finished")
+
+
+@pytest.mark.slow
+def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_complete(
+    aof_redis: RedisServer, tmp_path: Path
+) -> None:
+    path = models.build_poison_model(str(tmp_path / "poison.keras"))
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "2", "PREDICTQ_MAX_DELIVERIES": "2",
+           "PREDICTQ_MODEL_IMPORTS": "tests.support.layers"}
+    worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
+    deaths = 0
+    try:
+        worker.wait_ready()
+        x = inputs(20, seed=3)
+        poison = np.full((1, F), POISON, np.float32)
+        with client_on(aof_redis, visibility_timeout_s=2) as client:
+            innocent = [client.submit(x[i]) for i in range(10)]
+            bad = client.submit(poison)
+            innocent += [client.submit(x[i]) for i in range(10, 20)]
+            while wait_dead_or_done(worker, bad) == "dead":
+                assert worker.process is not None and worker.process.returncode == 17
+                deaths += 1
+                assert deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
+                worker = worker_on(aof_redis, path, concurrency=8, name="poisoned",
+                                   env=env).start()
+                worker.wait_ready()
+            with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
+                bad.get(timeout=10)
+            assert deaths == 2
+            assert_all_correct(innocent, x, path)
+    finally:
+        worker.stop()
+
+
+def test_device_oom_splits_batches_and_a_job_that_never_fits_fails_alone(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    path = models.build_oom_model(str(tmp_path / "oom.keras"), max_rows=8)
+    # Batches of up to 32 rows are formed; the model only fits 8 at a time.
+    env = {"PREDICTQ_MAX_BATCH_SIZE": "32", "PREDICTQ_BATCH_WAIT_MS": "50",
+           "PREDICTQ_MODEL_IMPORTS": "tests.support.layers"}
+    worker = WorkerProcess(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
+                           model_path=path, queue="oom", concurrency=16, name="oom",
+                           env=env).start()
+    try:
+        worker.wait_ready()
+        x = np.random.default_rng(4).random((40, F), dtype=np.float32)
+        huge = np.random.default_rng(5).random((1, F), dtype=np.float32)
+        huge[0, 0] = HUGE
+        with PredictionClient(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
+                              queue="oom") as client:
+            big = client.submit(x[:20])  # one job, more rows than fit at once
+            doomed = client.submit(huge)
+            singles = [client.submit(x[i : i + 1]) for i in range(20, 40)]
+            with pytest.raises(DeviceOutOfMemory, match="does not fit in device memory"):
+                doomed.get(timeout=60)
+            # (The reference runs in pieces of 8 rows: the model's own limit.)
+            expected = np.concatenate([models.reference(path, x[i : i + 8])
+                                       for i in range(0, 40, 8)])
+            assert np.allclose(big.get(timeout=60), expected[:20], atol=1e-5)
+            for i, job in enumerate(singles, start=20):
+                assert np.allclose(job.get(timeout=60), expected[i : i + 1], atol=1e-5)
+    finally:
+        worker.stop()
+
+
+def test_deadlines_backpressure_and_queue_cap(aof_redis: RedisServer, mlp_path: str) -> None:
+    x = inputs(5, seed=6)
+    with client_on(aof_redis, max_queue_length=3, max_in_flight=5, submit_timeout_s=0.2) as c:
+        expired = c.submit(x[0], deadline_s=0.001)
+        queued = [c.submit(x[i]) for i in (1, 2)]
+        assert c.queue_length() == 3
+        with pytest.raises(QueueFull, match="expected fewer than 3 waiting jobs .* found 3"):
+            c.submit(x[3])
+        assert c.queue_length() == 3  # nothing was added
+    with client_on(aof_redis, max_in_flight=2, submit_timeout_s=0.2) as c:
+        held = [c.submit(x[i]) for i in (3, 4)]
+        with pytest.raises(TooManyInFlight, match="expected at most 2 unfinished jobs"):
+            c.submit(x[0])
+        # A job the broker loses (a worker died between popping its message and
+        # recording it as reserved) is published again by its producer.
+        with client_on(aof_redis, visibility_timeout_s=1) as lossy:
+            lost = lossy.submit(x[2])
+            popped = aof_redis.client().lpop("predictq")  # the newest message: `lost`
+            assert popped is not None and lost.id.encode() in popped
+            worker = worker_on(aof_redis, mlp_path, concurrency=4, name="late").start()
+            try:
+                worker.wait_ready()
+                assert_all_correct([lost], x[2:3], mlp_path)
+                assert lossy._recovery.republished == 1
+            except BaseException:
+                worker.stop()
+                raise
+        try:
+            with client_on(aof_redis) as reader:
+                with pytest.raises(DeadlineExceeded, match="deadline passed"):
+                    reader.job(expired.id).get(timeout=60)
+                rest = [reader.job(j.id) for j in queued]
+                assert_all_correct(rest, x[1:3], mlp_path)
+            assert_all_correct(held, x[3:5], mlp_path)
+            # With results in, the in-flight slots are free again.
+            assert c.submit(x[0]).get(timeout=60).shape == (1, 4)
+        finally:
+            worker.stop()
+
