@@ -48,8 +48,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_base_sleep_between_retries_ms": 100,
         "result_backend_max_sleep_between_retries_ms": 2000,
         "result_backend_transport_options": {
-            "retry_policy": {"max_retries": 60, "interval_start": 0.2, "interval_step": 0.5,
-                             "interval_max": 1.0},
+            "retry_policy": {
+                "max_retries": 60,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+                "interval_max": 1.0,
+            },
         },
         "redis_socket_timeout": 10.0,
         "redis_socket_connect_timeout": 5.0,

@@ -54,16 +54,32 @@ def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.option("--model", "model_path", help="Model to serve (sets PREDICTQ_MODEL_PATH).")
-@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads",
-              show_default=True, help="Celery pool; threads shares one model per process.")
-@click.option("-c", "--concurrency", type=int,
-              help="Pool size (default PREDICTQ_WORKER_CONCURRENCY): jobs that can share a batch.")
-@click.option("-n", "--hostname", default="predictq@%h", show_default=True,
-              help="Celery node name.")
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "prefork", "solo"]),
+    default="threads",
+    show_default=True,
+    help="Celery pool; threads shares one model per process.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=int,
+    help="Pool size (default PREDICTQ_WORKER_CONCURRENCY): jobs that can share a batch.",
+)
+@click.option(
+    "-n", "--hostname", default="predictq@%h", show_default=True, help="Celery node name."
+)
 @click.option("-l", "--loglevel", help="Log level (default PREDICTQ_LOG_LEVEL).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(model_path: str | None, pool: str, concurrency: int | None, hostname: str,
-           loglevel: str | None, celery_args: tuple[str, ...]) -> None:
+def worker(
+    model_path: str | None,
+    pool: str,
+    concurrency: int | None,
+    hostname: str,
+    loglevel: str | None,
+    celery_args: tuple[str, ...],
+) -> None:
     """Run a worker: `celery -A workers worker` with predictq's defaults.
 
     Extra arguments go to Celery unchanged, e.g. `predictq worker -- --max-tasks-per-child 0`.
@@ -75,15 +91,26 @@ def worker(model_path: str | None, pool: str, concurrency: int | None, hostname:
     if not settings.model_path:
         raise click.UsageError("no model: pass --model or set PREDICTQ_MODEL_PATH")
     argv = [
-        sys.executable, "-m", "celery", "-A", "workers", "worker",
-        "--pool", pool,
-        "--concurrency", str(concurrency or settings.worker_concurrency),
-        "--queues", settings.queue,
-        "--hostname", hostname,
-        "--loglevel", loglevel or settings.log_level,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency or settings.worker_concurrency),
+        "--queues",
+        settings.queue,
+        "--hostname",
+        hostname,
+        "--loglevel",
+        loglevel or settings.log_level,
         # Mingle and gossip make every worker talk to every other on start and
         # on each event; predictq workers share nothing, so they only cost.
-        "--without-mingle", "--without-gossip",
+        "--without-mingle",
+        "--without-gossip",
         *celery_args,
     ]
     _exec(argv, env)
@@ -95,16 +122,26 @@ def worker(model_path: str | None, pool: str, concurrency: int | None, hostname:
 def flower(port: int | None, flower_args: tuple[str, ...]) -> None:
     """Run Flower against the predictq queue, with basic auth from PREDICTQ_FLOWER_BASIC_AUTH."""
     settings = Settings.from_env()
-    argv = [sys.executable, "-m", "celery", "-A", "workers", "flower",
-            f"--port={port or settings.flower_port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "flower",
+        f"--port={port or settings.flower_port}",
+    ]
     if settings.flower_basic_auth:
         argv.append(f"--basic_auth={settings.flower_basic_auth}")
     _exec([*argv, *flower_args], dict(os.environ))
 
 
 @cli.command()
-@click.option("--demo", is_flag=True,
-              help="Train a small model on scikit-learn's digits, serve it, predict through it.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Train a small model on scikit-learn's digits, serve it, predict through it.",
+)
 @click.option("--model", "model_path", help="Model to serve (default PREDICTQ_MODEL_PATH).")
 @click.option("--once", is_flag=True, help="Stop everything after start-up (and the demo).")
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
@@ -116,8 +153,9 @@ def up(demo: bool, model_path: str | None, once: bool, no_flower: bool) -> None:
     from predictq.up import Supervisor, UpOptions
 
     settings = Settings.from_env()
-    options = UpOptions(demo=demo, once=once, flower=not no_flower, model_path=model_path,
-                        echo=lambda s: click.echo(s))
+    options = UpOptions(
+        demo=demo, once=once, flower=not no_flower, model_path=model_path, echo=click.echo
+    )
     supervisor = Supervisor(settings, options)
     supervisor.install_signal_handlers()
     code = 0
@@ -139,8 +177,9 @@ def _run_demo(settings: Settings, started: dict[str, str]) -> None:
     from predictq.demo import evaluate
     from producer import PredictionClient
 
-    config = settings.replace(broker_url=started["broker_url"],
-                              result_backend=started["result_backend"])
+    config = settings.replace(
+        broker_url=started["broker_url"], result_backend=started["result_backend"]
+    )
     with PredictionClient(config) as client:
         with np.load(started["holdout"]) as data:
             x, y = data["x"], data["y"]
@@ -149,29 +188,39 @@ def _run_demo(settings: Settings, started: dict[str, str]) -> None:
             t0 = time.perf_counter()
             probs = client.predict(x[i : i + 1], timeout=60)
             ms = (time.perf_counter() - t0) * 1000
-            click.echo(f"          sample {i}: predicted {int(probs.argmax())} "
-                       f"(p={probs.max():.3f}), true {int(y[i])}  [{ms:.1f} ms]")
+            click.echo(
+                f"          sample {i}: predicted {int(probs.argmax())} "
+                f"(p={probs.max():.3f}), true {int(y[i])}  [{ms:.1f} ms]"
+            )
         accuracy, _ = evaluate(
             lambda batch: client.predict_many(batch, chunk_size=16, progress=True, timeout=120),
             started["holdout"],
         )
-    click.echo(f"demo:   accuracy on {len(y)} held-out digits, predicted through the queue: "
-               f"{accuracy:.1%}")
+    click.echo(
+        f"demo:   accuracy on {len(y)} held-out digits, predicted through the queue: {accuracy:.1%}"
+    )
     if started["flower_url"]:
         click.echo(f"demo:   watch the tasks in Flower: {started['flower_url']}/tasks")
 
 
 @cli.command()
 @click.argument("input_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write predictions: .npy (one output) or .npz.")
-@click.option("--chunk-size", type=int, default=4096, show_default=True,
-              help="Rows per job.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar.")
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write predictions: .npy (one output) or .npz.",
+)
+@click.option("--chunk-size", type=int, default=4096, show_default=True, help="Rows per job.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+)
 @click.option("--timeout", "timeout_s", type=float, help="Seconds to wait for each chunk.")
-def predict(input_path: str, output_path: str, chunk_size: int, progress: bool,
-            timeout_s: float | None) -> None:
+def predict(
+    input_path: str, output_path: str, chunk_size: int, progress: bool, timeout_s: float | None
+) -> None:
     """Predict a .npy file (or a .npz of named inputs) through the queue."""
     from producer import PredictionClient
 
@@ -183,21 +232,30 @@ def predict(input_path: str, output_path: str, chunk_size: int, progress: bool,
     else:
         inputs = np.load(input_path, mmap_mode="r")
     with PredictionClient() as client:
-        outputs = client.predict_many(inputs, chunk_size=chunk_size, progress=progress,
-                                      timeout=timeout_s)
+        outputs = client.predict_many(
+            inputs, chunk_size=chunk_size, progress=progress, timeout=timeout_s
+        )
     if isinstance(outputs, np.ndarray) and not output_path.endswith(".npz"):
         np.save(output_path, outputs)
     else:
-        named = (outputs if isinstance(outputs, dict) else
-                 {f"output_{i}": o for i, o in enumerate(outputs)}
-                 if isinstance(outputs, list) else {"output_0": outputs})
+        named = (
+            outputs
+            if isinstance(outputs, dict)
+            else {f"output_{i}": o for i, o in enumerate(outputs)}
+            if isinstance(outputs, list)
+            else {"output_0": outputs}
+        )
         np.savez(output_path, **named)
     click.echo(f"wrote {output_path}", err=True)
 
 
 @cli.command()
-@click.option("--any", "any_host", is_flag=True,
-              help="Healthy if any worker anywhere is ready (default: a worker on this host).")
+@click.option(
+    "--any",
+    "any_host",
+    is_flag=True,
+    help="Healthy if any worker anywhere is ready (default: a worker on this host).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Print the ready workers.")
 def health(any_host: bool, verbose: bool) -> None:
     """Exit 0 only if a worker has its model loaded and warm (docker healthcheck)."""
@@ -209,8 +267,10 @@ def health(any_host: bool, verbose: bool) -> None:
     records = read_records(client, hostname=None if any_host else socket.gethostname())
     if verbose:
         for r in records:
-            click.echo(f"{r['nodename']} pid {r['pid']}: {r['pool']} pool, model "
-                       f"{r['model']['path']} on {r['device']}, loads={r['loads']}")
+            click.echo(
+                f"{r['nodename']} pid {r['pid']}: {r['pool']} pool, model "
+                f"{r['model']['path']} on {r['device']}, loads={r['loads']}"
+            )
     if not records:
         where = "anywhere" if any_host else f"on host {socket.gethostname()}"
         click.echo(f"unhealthy: no worker with a warm model {where}", err=True)
@@ -219,8 +279,9 @@ def health(any_host: bool, verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--load", is_flag=True,
-              help="Load PREDICTQ_MODEL_PATH here instead of asking a running worker.")
+@click.option(
+    "--load", is_flag=True, help="Load PREDICTQ_MODEL_PATH here instead of asking a running worker."
+)
 def info(load: bool) -> None:
     """Print the effective settings (secrets masked) and the model's input/output spec."""
     from predictq.readiness import read_records
@@ -236,8 +297,10 @@ def info(load: bool) -> None:
         try:
             records = read_records(client_from_url(settings.result_backend, socket_timeout_s=2))
         except redis.RedisError as e:
-            click.echo(f"(no running worker reachable at {mask_url(settings.result_backend)}: "
-                       f"{e})", err=True)
+            click.echo(
+                f"(no running worker reachable at {mask_url(settings.result_backend)}: {e})",
+                err=True,
+            )
             records = []
         if records:
             spec, source = records[0]["model"], f"worker {records[0]['nodename']}"

@@ -168,7 +168,7 @@ def register_serializer(*, max_payload_bytes: int | None = None) -> None:
     def decoder(body: bytes) -> Any:
         return loads(body, max_payload_bytes=max_payload_bytes)
 
-    register(
+    register(  # type: ignore[no-untyped-call]
         SERIALIZER_NAME,
         dumps,
         decoder,

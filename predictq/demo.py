@@ -34,8 +34,7 @@ def train(out_dir: str, *, epochs: int = 40, seed: int = 0) -> tuple[str, str]:
     hidden = keras.layers.Dense(128, activation="relu")(inputs)
     outputs = keras.layers.Dense(10, activation="softmax", name="digit")(hidden)
     model = keras.Model(inputs, outputs)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,11 +50,14 @@ class ReadinessRecord:
         self._client = client
         self._key = ready_key(nodename, pid)
         self._ttl_ms = int(ttl_s * 1000)
-        self._fields = {"nodename": nodename, "hostname": socket.gethostname(), "pid": pid,
-                        **fields}
+        self._fields = {
+            "nodename": nodename,
+            "hostname": socket.gethostname(),
+            "pid": pid,
+            **fields,
+        }
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="predictq-readiness",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._beat, name="predictq-readiness", daemon=True)
 
     def publish(self) -> None:
         """Write the record now and keep it alive on a heartbeat."""

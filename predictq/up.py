@@ -73,21 +73,32 @@ class Supervisor:
             self.options.echo(f"redis:  using {mask_url(self.settings.broker_url)}")
             return self.settings.broker_url, self.settings.result_backend
         if configured:
-            self.options.echo(f"redis:  {mask_url(self.settings.broker_url)} is not reachable; "
-                              "starting an embedded one")
-        self.redis = RedisServer(port=free_port(), appendonly=True,
-                                 data_dir=os.path.join(self.workdir, "redis"))
+            self.options.echo(
+                f"redis:  {mask_url(self.settings.broker_url)} is not reachable; "
+                "starting an embedded one"
+            )
+        self.redis = RedisServer(
+            port=free_port(), appendonly=True, data_dir=os.path.join(self.workdir, "redis")
+        )
         os.makedirs(self.redis.data_dir, exist_ok=True)
         self.redis.start()
-        self.options.echo(f"redis:  embedded {self.redis.binary} on {self.redis.url(0)} "
-                          f"(pid {self.redis.pid})")
+        self.options.echo(
+            f"redis:  embedded {self.redis.binary} on {self.redis.url(0)} (pid {self.redis.pid})"
+        )
         return self.redis.url(0), self.redis.url(1)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         logfile = open(os.path.join(self.workdir, f"{name}.log"), "wb")  # noqa: SIM115
         self.children[name] = subprocess.Popen(
-            argv, env=env, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            argv,
+            env=env,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # preexec_fn is safe here: the supervisor starts its children before
+            # it starts any thread of its own.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         logfile.close()
 
@@ -95,7 +106,9 @@ class Supervisor:
         self.options.echo("demo:   training a small MLP on scikit-learn's digits dataset ...")
         out = subprocess.run(
             [sys.executable, "-m", "predictq.demo", os.path.join(self.workdir, "demo")],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
         if out.returncode != 0:
@@ -112,9 +125,14 @@ class Supervisor:
             model_path, holdout = self._train_demo()
         if not model_path:
             raise ConfigError("PREDICTQ_MODEL_PATH must name a model (or use `predictq up --demo`)")
-        env = {**os.environ, **self.options.extra_env,
-               "PREDICTQ_BROKER_URL": broker_url, "PREDICTQ_RESULT_BACKEND": backend_url,
-               "PREDICTQ_MODEL_PATH": model_path, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {
+            **os.environ,
+            **self.options.extra_env,
+            "PREDICTQ_BROKER_URL": broker_url,
+            "PREDICTQ_RESULT_BACKEND": backend_url,
+            "PREDICTQ_MODEL_PATH": model_path,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
         env.setdefault("PREDICTQ_METRICS_PORT", str(free_port()))
         self._spawn("worker", [sys.executable, "-m", "predictq.cli", "worker"], env)
         flower_url = ""
@@ -123,14 +141,21 @@ class Supervisor:
             self._spawn("flower", [sys.executable, "-m", "predictq.cli", "flower"], env)
             flower_url = f"http://127.0.0.1:{env['PREDICTQ_FLOWER_PORT']}"
         record = self._wait_ready(backend_url)
-        self.options.echo(f"worker: pid {self.children['worker'].pid}, model {model_path} "
-                          f"loaded and warm (metrics on port {record.get('metrics_port')})")
+        self.options.echo(
+            f"worker: pid {self.children['worker'].pid}, model {model_path} "
+            f"loaded and warm (metrics on port {record.get('metrics_port')})"
+        )
         if flower_url:
             self._wait_http(flower_url + "/healthcheck")
             self.options.echo(f"flower: {flower_url}")
         self.options.echo(f"logs:   {self.workdir}")
-        return {"broker_url": broker_url, "result_backend": backend_url,
-                "flower_url": flower_url, "holdout": holdout, "model_path": model_path}
+        return {
+            "broker_url": broker_url,
+            "result_backend": backend_url,
+            "flower_url": flower_url,
+            "holdout": holdout,
+            "model_path": model_path,
+        }
 
     def _check_children(self) -> None:
         for name, child in self.children.items():
@@ -149,16 +174,17 @@ class Supervisor:
                 if record.get("pid") == pid and record.get("warm"):
                     return record
             self.stop_requested.wait(0.25)
-        raise PredictqError("the worker did not become ready within "
-                            f"{self.options.ready_timeout_s:.0f}s (see {self.workdir}/worker.log)")
+        raise PredictqError(
+            "the worker did not become ready within "
+            f"{self.options.ready_timeout_s:.0f}s (see {self.workdir}/worker.log)"
+        )
 
     def _wait_http(self, url: str) -> None:
         give_up = time.monotonic() + 60
         while time.monotonic() < give_up and not self.stop_requested.is_set():
             self._check_children()
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url, timeout=2):
-                    return
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
+                return
             self.stop_requested.wait(0.25)
         raise PredictqError(f"Flower did not answer at {url} (see {self.workdir}/flower.log)")
 
@@ -192,6 +218,7 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM ask the supervisor to stop (handled in the main thread)."""
+
         def handler(signum: int, _frame: object) -> None:
             self.stop_requested.set()
 

@@ -28,15 +28,17 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise InvalidInput(f"chunk_size: expected an integer >= 1, received {chunk_size!r}")
 
 
-def submit_chunks(client: PredictionClient, normalized: Any, *, chunk_size: int,
-                  deadline_s: float | None) -> Iterator[Job]:
+def submit_chunks(
+    client: PredictionClient, normalized: Any, *, chunk_size: int, deadline_s: float | None
+) -> Iterator[Job]:
     """Yield one submitted job per chunk of ``chunk_size`` rows."""
     _check_chunk_size(chunk_size)
     n = wire.rows(normalized)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        yield client._submit(wire.take(normalized, start, stop), deadline_s=deadline_s,
-                             rows=slice(start, stop))
+        yield client._submit(
+            wire.take(normalized, start, stop), deadline_s=deadline_s, rows=slice(start, stop)
+        )
 
 
 class _Outputs:
@@ -76,8 +78,15 @@ class _Outputs:
         return [value]
 
 
-def predict_chunks(client: PredictionClient, normalized: Any, *, chunk_size: int,
-                   progress: bool, timeout: float | None, max_in_flight: int) -> Any:
+def predict_chunks(
+    client: PredictionClient,
+    normalized: Any,
+    *,
+    chunk_size: int,
+    progress: bool,
+    timeout: float | None,
+    max_in_flight: int,
+) -> Any:
     """Outputs for all rows of ``normalized``, in order."""
     _check_chunk_size(chunk_size)
     n = wire.rows(normalized)
@@ -92,15 +101,19 @@ def predict_chunks(client: PredictionClient, normalized: Any, *, chunk_size: int
         while True:
             for start in chunks:
                 stop = min(start + chunk_size, n)
-                job = client._submit(wire.take(normalized, start, stop), deadline_s=None,
-                                     rows=slice(start, stop))
+                job = client._submit(
+                    wire.take(normalized, start, stop), deadline_s=None, rows=slice(start, stop)
+                )
                 in_flight[job._future] = job
                 if len(in_flight) >= window:
                     break
             if not in_flight:
                 return outputs.value
-            done, _ = wait(list(in_flight), timeout=timeout or client.settings.result_timeout_s,
-                           return_when=FIRST_COMPLETED)
+            done, _ = wait(
+                list(in_flight),
+                timeout=timeout or client.settings.result_timeout_s,
+                return_when=FIRST_COMPLETED,
+            )
             if not done:
                 # Nothing came back within the timeout: let get() raise it.
                 next(iter(in_flight.values())).raw_result(timeout=1e-3)

@@ -86,8 +86,13 @@ def check_timeout(name: str, value: float | None) -> float | None:
 class Job:
     """A submitted prediction: wait for it with ``get``."""
 
-    def __init__(self, client: PredictionClient, job_id: str,
-                 future: Future[dict[str, Any]], rows: slice | None = None) -> None:
+    def __init__(
+        self,
+        client: PredictionClient,
+        job_id: str,
+        future: Future[dict[str, Any]],
+        rows: slice | None = None,
+    ) -> None:
         self.id = job_id
         #: For jobs from ``submit_many``: the rows of the input this job covers.
         self.rows = rows
@@ -114,8 +119,9 @@ class Job:
         except FutureTimeout as e:
             raise ResultTimeout(f"job {self.id}: no result within {wait_s:g}s") from e
         except CancelledError as e:
-            raise ResultTimeout(f"job {self.id}: stopped waiting (forgotten or client closed)") \
-                from e
+            raise ResultTimeout(
+                f"job {self.id}: stopped waiting (forgotten or client closed)"
+            ) from e
         return _outcome(self.id, meta)
 
     def forget(self) -> None:
@@ -135,14 +141,14 @@ def _outcome(job_id: str, meta: dict[str, Any]) -> Any:
         raise result
     if isinstance(result, TaskRevokedError):
         if "expired" in str(result):
-            raise DeadlineExceeded(f"job {job_id}: its deadline passed while it was queued") \
-                from result
+            raise DeadlineExceeded(
+                f"job {job_id}: its deadline passed while it was queued"
+            ) from result
         raise PredictionError(f"job {job_id} was revoked: {result}") from result
     if isinstance(result, WorkerLostError):
         raise WorkerLost(f"job {job_id}: {result}") from result
     if isinstance(result, BaseException):
-        raise PredictionError(f"job {job_id} failed: {type(result).__name__}: {result}") \
-            from result
+        raise PredictionError(f"job {job_id} failed: {type(result).__name__}: {result}") from result
     raise PredictionError(f"job {job_id} ended in state {status}: {result!r}")
 
 
@@ -253,8 +259,12 @@ class PredictionClient:
                     # kombu re-establishes the connection between attempts;
                     # the loop around it enforces the overall deadline.
                     retry=True,
-                    retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
-                                  "interval_max": 0.1},
+                    retry_policy={
+                        "max_retries": 1,
+                        "interval_start": 0,
+                        "interval_step": 0.1,
+                        "interval_max": 0.1,
+                    },
                 )
                 return
             except _CONNECTION_ERRORS as e:
@@ -268,8 +278,9 @@ class PredictionClient:
                 time.sleep(min(delay_s, remaining))
                 delay_s = min(delay_s * 2, 1.0)
 
-    def predict(self, inputs: object, *, timeout: float | None = None,
-                deadline_s: float | None = None) -> Any:
+    def predict(
+        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+    ) -> Any:
         """Submit one job and wait for its result (``submit(...).get(timeout)``)."""
         return self.submit(inputs, deadline_s=deadline_s).get(timeout)
 
@@ -314,8 +325,9 @@ class PredictionClient:
 
     # --- bulk ------------------------------------------------------------------
 
-    def submit_many(self, inputs: object, *, chunk_size: int = 4096,
-                    deadline_s: float | None = None) -> Any:
+    def submit_many(
+        self, inputs: object, *, chunk_size: int = 4096, deadline_s: float | None = None
+    ) -> Any:
         """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``).
 
         Submission blocks while ``max_in_flight`` jobs are unfinished, so a
@@ -323,11 +335,19 @@ class PredictionClient:
         """
         from producer.bulk import submit_chunks
 
-        return submit_chunks(self, wire.normalize(inputs), chunk_size=chunk_size,
-                             deadline_s=deadline_s)
+        return submit_chunks(
+            self, wire.normalize(inputs), chunk_size=chunk_size, deadline_s=deadline_s
+        )
 
-    def predict_many(self, inputs: object, *, chunk_size: int = 4096, progress: bool = False,
-                     timeout: float | None = None, max_in_flight: int | None = None) -> Any:
+    def predict_many(
+        self,
+        inputs: object,
+        *,
+        chunk_size: int = 4096,
+        progress: bool = False,
+        timeout: float | None = None,
+        max_in_flight: int | None = None,
+    ) -> Any:
         """Predict a large input in chunk jobs; outputs come back in the input's order.
 
         At most ``max_in_flight`` (default: the client's) chunks are unfinished at
@@ -336,9 +356,14 @@ class PredictionClient:
         """
         from producer.bulk import predict_chunks
 
-        return predict_chunks(self, wire.normalize(inputs), chunk_size=chunk_size,
-                              progress=progress, timeout=timeout,
-                              max_in_flight=max_in_flight or self.settings.max_in_flight)
+        return predict_chunks(
+            self,
+            wire.normalize(inputs),
+            chunk_size=chunk_size,
+            progress=progress,
+            timeout=timeout,
+            max_in_flight=max_in_flight or self.settings.max_in_flight,
+        )
 
     # --- lifecycle -------------------------------------------------------------
 

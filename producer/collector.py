@@ -105,7 +105,7 @@ class ResultCollector:
     def _run(self) -> None:
         backoff_s = 0.05
         while not self._closed.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
             try:
                 with self._lock:
                     # (Re)subscribe everything pending: after a reconnect the new
@@ -179,9 +179,9 @@ class ResultCollector:
         if stale:
             self._fetch(stale)
 
-    def _resolve(self, key: str, data: bytes) -> None:
+    def _resolve(self, key: str, data: bytes | str) -> None:
         try:
-            meta = self._decode(data)
+            meta = self._decode(data if isinstance(data, bytes) else data.encode())
         except Exception as e:
             meta = {"status": "FAILURE", "result": e}
         if meta.get("status") not in FINAL_STATES:

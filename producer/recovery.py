@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+
 import redis
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,13 @@ class LostJobRecovery:
         done = self._results_exist(confirmed)
         lost = [t for t, finished in zip(confirmed, done, strict=True) if not finished]
         for task_id in lost:
-            log.warning("job %s was lost by the broker (neither queued, reserved nor finished "
-                        "after %.0fs); publishing it again", task_id, self._lost_after_s)
+            log.warning(
+                "job %s was lost by the broker (neither queued, reserved nor finished "
+                "after %.0fs); publishing it again",
+                task_id,
+                self._lost_after_s,
+            )
             self._republish(task_id)
             self.republished += 1
             self.track(task_id)
         return lost
-

@@ -24,8 +24,9 @@ def _array(value: object, where: str) -> Array:
     try:
         array = np.asarray(value)
     except ValueError as e:
-        raise InvalidInput(f"{where}: expected a rectangular array, received a ragged one ({e})") \
-            from e
+        raise InvalidInput(
+            f"{where}: expected a rectangular array, received a ragged one ({e})"
+        ) from e
     check_dtype(array.dtype, where)
     if array.ndim < 1:
         raise InvalidInput(f"{where}: expected an array with a batch dimension, received a scalar")
@@ -61,7 +62,7 @@ def rows(normalized: Array | list[Array] | dict[str, Array]) -> int:
         raise InvalidInput(
             f"inputs: expected the same number of samples in every input, received {counts}"
         )
-    return counts.pop()
+    return int(counts.pop())
 
 
 def take(normalized: Array | list[Array] | dict[str, Array], start: int, stop: int) -> Any:

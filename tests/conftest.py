@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from predictq.redis_server import RedisServer  # noqa: E402
-from producer import PredictionClient  # noqa: E402
-from tests.support import models  # noqa: E402
-from tests.support.processes import WorkerProcess  # noqa: E402
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+from tests.support import models
+from tests.support.processes import WorkerProcess
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +45,11 @@ def mlp_worker(redis_server: RedisServer, mlp_path: str) -> Iterator[WorkerProce
         concurrency=16,
         queue="mlp",
         name="mlp",
-        env={"PREDICTQ_MAX_BATCH_SIZE": "64", "PREDICTQ_MAX_JOB_SAMPLES": "5000",
-             "PREDICTQ_MAX_PAYLOAD_BYTES": str(1024 * 1024)},
+        env={
+            "PREDICTQ_MAX_BATCH_SIZE": "64",
+            "PREDICTQ_MAX_JOB_SAMPLES": "5000",
+            "PREDICTQ_MAX_PAYLOAD_BYTES": str(1024 * 1024),
+        },
     ).start()
     try:
         worker.wait_ready()
@@ -58,6 +61,10 @@ def mlp_worker(redis_server: RedisServer, mlp_path: str) -> Iterator[WorkerProce
 @pytest.fixture()
 def client(redis_server: RedisServer, mlp_worker: WorkerProcess) -> Iterator[PredictionClient]:
     """A producer talking to the shared MLP worker."""
-    with PredictionClient(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
-                          queue="mlp", result_timeout_s=60) as c:
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="mlp",
+        result_timeout_s=60,
+    ) as c:
         yield c

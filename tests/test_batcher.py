@@ -19,8 +19,13 @@ Array = np.ndarray[Any, Any]
 class FakeModel:
     """Doubles its input; records every batch size; optional failure rules."""
 
-    def __init__(self, *, oom_above: int | None = None, fail_on: float | None = None,
-                 gate: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        oom_above: int | None = None,
+        fail_on: float | None = None,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.batches: list[int] = []
         self.oom_above = oom_above
         self.fail_on = fail_on

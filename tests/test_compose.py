@@ -61,6 +61,7 @@ Service = dict[str, Any]
 
 # --- Compose's variable interpolation (the subset of the spec the file may use) --
 
+
 class MissingVariable(Exception):
     """A ``${NAME:?message}`` whose variable is unset: Compose refuses to start."""
 
@@ -125,6 +126,7 @@ def services(compose: dict[str, Any]) -> dict[str, Service]:
 
 # --- Reading services ------------------------------------------------------------
 
+
 def environment(service: Service) -> dict[str, str]:
     """A service's environment, from either the mapping or the list form."""
     env = service.get("environment") or {}
@@ -173,8 +175,13 @@ def mounts(service: Service) -> list[tuple[str, str, bool]]:
     found = []
     for entry in service.get("volumes", []):
         if isinstance(entry, dict):
-            found.append((str(entry.get("source", "")), str(entry["target"]),
-                          bool(entry.get("read_only", False))))
+            found.append(
+                (
+                    str(entry.get("source", "")),
+                    str(entry["target"]),
+                    bool(entry.get("read_only", False)),
+                )
+            )
         else:
             source, target, *mode = str(entry).split(":")
             found.append((source, target, "ro" in ",".join(mode).split(",")))
@@ -191,6 +198,7 @@ def model_mount(service: Service) -> tuple[str, str, bool]:
 
 
 # --- Reading the Dockerfile --------------------------------------------------------
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
@@ -248,6 +256,7 @@ def global_args() -> dict[str, str]:
 
 # --- Running compose commands on this machine ----------------------------------------
 
+
 def local_argv(argv: list[str]) -> list[str]:
     """What the image's ``predictq``/``python`` resolve to, in this test environment."""
     if argv[0] == "predictq":
@@ -257,8 +266,13 @@ def local_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def local_env(service: Service, server: RedisServer, *,
-              mounted: Mapping[str, Path] | None = None, **overrides: str) -> dict[str, str]:
+def local_env(
+    service: Service,
+    server: RedisServer,
+    *,
+    mounted: Mapping[str, Path] | None = None,
+    **overrides: str,
+) -> dict[str, str]:
     """A compose service's environment, with the redis service replaced by ``server``.
 
     ``mounted`` maps container paths (volume targets) to local directories.
@@ -268,18 +282,20 @@ def local_env(service: Service, server: RedisServer, *,
         local = value.replace("@redis:6379/", f"@{server.host}:{server.port}/")
         for target, directory in (mounted or {}).items():
             if local.startswith(target.rstrip("/") + "/"):
-                local = str(directory) + local[len(target.rstrip("/")):]
+                local = str(directory) + local[len(target.rstrip("/")) :]
         env[name] = local
     full = base_env(**{**env, **overrides})
     # Variables meant for Compose's interpolation must not leak in from the shell.
     return {k: v for k, v in full.items() if not k.startswith("FLOWER_")}
 
 
-def run_check(argv: list[str], env: Mapping[str, str],
-              timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def run_check(
+    argv: list[str], env: Mapping[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run a healthcheck command once, as Docker would."""
-    return subprocess.run(argv, env=dict(env), capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
+    return subprocess.run(
+        argv, env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False
+    )
 
 
 def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
@@ -295,12 +311,14 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], env: Mapping[str, str], log_path: Path,
-            cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    argv: list[str], env: Mapping[str, str], log_path: Path, cwd: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """A service command as a subprocess, its output in ``log_path``; always stopped."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         yield process
     finally:
@@ -313,8 +331,9 @@ def tail(log_path: Path, chars: int = 4000) -> str:
 
 def alive(process: subprocess.Popen[bytes], log_path: Path) -> None:
     if process.poll() is not None:
-        raise AssertionError(f"{process.args!r} exited with {process.returncode}:\n"
-                             f"{tail(log_path)}")
+        raise AssertionError(
+            f"{process.args!r} exited with {process.returncode}:\n{tail(log_path)}"
+        )
 
 
 def http_status(url: str, credentials: str | None = None) -> int:
@@ -347,6 +366,7 @@ def workdir(tmp_path: Path) -> Path:
 
 # --- The compose file ---------------------------------------------------------------
 
+
 def test_compose_file_defines_redis_a_worker_a_gpu_worker_and_flower(
     services: dict[str, Service],
 ) -> None:
@@ -367,7 +387,8 @@ def test_redis_requires_a_password_and_keeps_an_append_only_file(
 
 
 def test_redis_port_is_not_published_and_its_data_is_a_named_volume(
-    compose: dict[str, Any], services: dict[str, Service],
+    compose: dict[str, Any],
+    services: dict[str, Service],
 ) -> None:
     redis = services["redis"]
     assert "ports" not in redis
@@ -376,7 +397,8 @@ def test_redis_port_is_not_published_and_its_data_is_a_named_volume(
 
 
 def test_redis_healthcheck_pings_with_the_password_and_fails_without_it(
-    services: dict[str, Service], local_redis: RedisServer,
+    services: dict[str, Service],
+    local_redis: RedisServer,
 ) -> None:
     redis = services["redis"]
     argv = healthcheck_argv(redis)
@@ -443,8 +465,7 @@ def test_worker_mounts_its_model_read_only(services: dict[str, Service]) -> None
 
 
 def test_model_file_defaults_to_model_keras() -> None:
-    defaults = resolve_all(raw_compose(), {k: v for k, v in VARIABLES.items()
-                                           if k != "MODEL_FILE"})
+    defaults = resolve_all(raw_compose(), {k: v for k, v in VARIABLES.items() if k != "MODEL_FILE"})
     assert environment(defaults["services"]["worker"])["PREDICTQ_MODEL_PATH"] == (
         "/models/model.keras"
     )
@@ -521,7 +542,8 @@ def test_every_predictq_variable_in_compose_and_dockerfile_is_a_real_setting() -
 
 @pytest.mark.parametrize("name", PREDICTQ_SERVICES)
 def test_every_predictq_service_environment_is_valid_settings(
-    services: dict[str, Service], name: str,
+    services: dict[str, Service],
+    name: str,
 ) -> None:
     settings = Settings.from_env(environment(services[name]))
     assert settings.broker_url == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
@@ -530,7 +552,8 @@ def test_every_predictq_service_environment_is_valid_settings(
 
 @pytest.mark.parametrize("name", PREDICTQ_SERVICES)
 def test_every_predictq_service_command_is_a_real_predictq_command(
-    services: dict[str, Service], name: str,
+    services: dict[str, Service],
+    name: str,
 ) -> None:
     command = words(services[name]["command"])
     assert command[0] == "predictq"
@@ -543,6 +566,7 @@ def test_every_predictq_service_command_is_a_real_predictq_command(
 
 
 # --- The Dockerfile --------------------------------------------------------------------
+
 
 def test_dockerfile_image_runs_as_a_user_it_creates_not_root() -> None:
     users = arguments("USER")
@@ -572,36 +596,52 @@ def test_dockerfile_image_is_python_3_11_slim_with_quiet_tensorflow_and_no_pip_c
     env = " ".join(arguments("ENV"))
     assert re.search(r"\bTF_CPP_MIN_LOG_LEVEL=2\b", env)
     assert arguments("WORKDIR")[-1] == "/app"
-    installs = [run for run in arguments("RUN", dockerfile_instructions())
-                if "pip install" in run or "pip wheel" in run]
+    installs = [
+        run
+        for run in arguments("RUN", dockerfile_instructions())
+        if "pip install" in run or "pip wheel" in run
+    ]
     assert installs and all("--no-cache-dir" in run for run in installs)
 
 
 def test_dockerignore_keeps_local_state_out_but_lets_the_sources_in() -> None:
-    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", "bench/results"} <= patterns
     assert patterns & {"__pycache__", "**/__pycache__"}
-    copied = [source for kw, args in dockerfile_instructions() if kw == "COPY"
-              and not args.startswith("--from")
-              for source in args.split()[:-1]]
+    copied = [
+        source
+        for kw, args in dockerfile_instructions()
+        if kw == "COPY" and not args.startswith("--from")
+        for source in args.split()[:-1]
+    ]
     assert copied, "the Dockerfile copies nothing from the build context"
-    ignored = [source for source in copied
-               if source.removeprefix("./").rstrip("/") in patterns]
+    ignored = [source for source in copied if source.removeprefix("./").rstrip("/") in patterns]
     assert ignored == [], f".dockerignore drops what the Dockerfile copies: {ignored}"
 
 
 # --- The same commands, outside Docker, against a local Redis -------------------------
 
+
 def test_compose_worker_command_serves_predictions_outside_docker_once_predictq_health_passes(
-    services: dict[str, Service], local_redis: RedisServer, tmp_path: Path, workdir: Path,
+    services: dict[str, Service],
+    local_redis: RedisServer,
+    tmp_path: Path,
+    workdir: Path,
 ) -> None:
     worker = services["worker"]
     _, model_target, _ = model_mount(worker)
     models_dir = tmp_path / "models"
     models_dir.mkdir()
-    env = local_env(worker, local_redis, mounted={model_target: models_dir},
-                    PREDICTQ_METRICS_PORT=str(free_port()))
+    env = local_env(
+        worker,
+        local_redis,
+        mounted={model_target: models_dir},
+        PREDICTQ_METRICS_PORT=str(free_port()),
+    )
     assert env["PREDICTQ_BROKER_URL"] == local_redis.url(0)
     assert env["PREDICTQ_RESULT_BACKEND"] == local_redis.url(1)
     model_path = models.build_mlp(env["PREDICTQ_MODEL_PATH"])
@@ -618,12 +658,17 @@ def test_compose_worker_command_serves_predictions_outside_docker_once_predictq_
             alive(process, log_path)
             return run_check(health, env).returncode == 0
 
-        wait_for(healthy, 120, "the worker's healthcheck (`predictq health`) to pass",
-                 lambda: tail(log_path))
+        wait_for(
+            healthy,
+            120,
+            "the worker's healthcheck (`predictq health`) to pass",
+            lambda: tail(log_path),
+        )
 
         x = np.random.default_rng(11).random((5, models.FEATURES), dtype=np.float32)
-        with PredictionClient(broker_url=env["PREDICTQ_BROKER_URL"],
-                              result_backend=env["PREDICTQ_RESULT_BACKEND"]) as client:
+        with PredictionClient(
+            broker_url=env["PREDICTQ_BROKER_URL"], result_backend=env["PREDICTQ_RESULT_BACKEND"]
+        ) as client:
             out = client.predict(x, timeout=60)
         assert out.shape == (5, models.CLASSES)
         assert np.allclose(out, models.reference(model_path, x), atol=1e-5)
@@ -640,7 +685,10 @@ def test_compose_worker_command_serves_predictions_outside_docker_once_predictq_
 
 
 def test_compose_flower_command_rejects_anonymous_api_calls_and_accepts_the_compose_credentials(
-    services: dict[str, Service], local_redis: RedisServer, tmp_path: Path, workdir: Path,
+    services: dict[str, Service],
+    local_redis: RedisServer,
+    tmp_path: Path,
+    workdir: Path,
 ) -> None:
     flower = services["flower"]
     port = free_port()

@@ -57,8 +57,7 @@ def test_32_threads_x_50_jobs_every_output_correct_and_matched_to_its_job(
 ) -> None:
     threads, per_thread = 32, 50
     inputs = rng(1).random((threads, per_thread, 1 + 2, F), dtype=np.float32)
-    expected = models.reference(mlp_path, inputs.reshape(-1, F)).reshape(threads, per_thread,
-                                                                         3, 4)
+    expected = models.reference(mlp_path, inputs.reshape(-1, F)).reshape(threads, per_thread, 3, 4)
     batches_before = metric(mlp_worker, "predictq_batch_size_samples_count")
     start = threading.Barrier(threads)
 
@@ -77,8 +76,7 @@ def test_32_threads_x_50_jobs_every_output_correct_and_matched_to_its_job(
     assert batches < threads * per_thread
     # ... and the threads-pool worker process loaded its model exactly once.
     records = mlp_worker.records()
-    assert [(r["pid"], r["loads"], r["pool"]) for r in records] == [(mlp_worker.pid, 1,
-                                                                     "threads")]
+    assert [(r["pid"], r["loads"], r["pool"]) for r in records] == [(mlp_worker.pid, 1, "threads")]
     assert metric(mlp_worker, "predictq_model_loads_total") == 1
 
 
@@ -93,8 +91,12 @@ def test_predict_many_keeps_order_and_never_exceeds_max_in_flight(
     redis_server: RedisServer, mlp_path: str, mlp_worker: WorkerProcess
 ) -> None:
     x = rng(3).random((3001, F), dtype=np.float32)
-    with PredictionClient(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
-                          queue="mlp", max_in_flight=4) as c:
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="mlp",
+        max_in_flight=4,
+    ) as c:
         seen: list[int] = []
         submit = c._submit
 
@@ -121,8 +123,12 @@ def test_any_celery_client_can_enqueue_by_task_name_with_json_lists(
     redis_server: RedisServer, client: PredictionClient, mlp_path: str
 ) -> None:
     x = rng(5).random((3, F)).round(6)
-    plain = Celery("other-language-like-client", broker=redis_server.url(0),
-                   backend=redis_server.url(1), set_as_current=False)
+    plain = Celery(
+        "other-language-like-client",
+        broker=redis_server.url(0),
+        backend=redis_server.url(1),
+        set_as_current=False,
+    )
     plain.conf.task_serializer = "json"
     result = plain.send_task("predictq.predict", args=[x.tolist()], queue="mlp")
     out = client.job(result.id).get(timeout=60)
@@ -143,7 +149,7 @@ def test_a_pickle_message_is_refused_and_never_executed(
     plain.conf.task_serializer = "pickle"
     plain.conf.accept_content = ["pickle"]
     result = plain.send_task("predictq.predict", args=[Exploit()], queue="mlp")
-    with pytest.raises(InvalidMessage, match="application/x-python-serialize.*pickle is never"):
+    with pytest.raises(InvalidMessage, match=r"application/x-python-serialize.*pickle is never"):
         client.job(result.id).get(timeout=60)
     assert not marker.exists()
     assert pickle.dumps(1)  # (pickle itself is fine here; the worker just never reads it)
@@ -165,20 +171,50 @@ def test_cli_predict_reads_npy_and_writes_predictions(
 ) -> None:
     x = rng(6).random((500, F), dtype=np.float32)
     np.save(tmp_path / "in.npy", x)
-    env = base_env(PREDICTQ_BROKER_URL=redis_server.url(0),
-                   PREDICTQ_RESULT_BACKEND=redis_server.url(1), PREDICTQ_QUEUE="mlp")
+    env = base_env(
+        PREDICTQ_BROKER_URL=redis_server.url(0),
+        PREDICTQ_RESULT_BACKEND=redis_server.url(1),
+        PREDICTQ_QUEUE="mlp",
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "predictq.cli", "predict", str(tmp_path / "in.npy"),
-         "-o", str(tmp_path / "out.npy"), "--chunk-size", "64"],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "predictq.cli",
+            "predict",
+            str(tmp_path / "in.npy"),
+            "-o",
+            str(tmp_path / "out.npy"),
+            "--chunk-size",
+            "64",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "500/500" in out.stderr  # the progress bar
     assert np.allclose(np.load(tmp_path / "out.npy"), models.reference(mlp_path, x), atol=1e-5)
     np.savez(tmp_path / "in.npz", x=x[:10])
     out = subprocess.run(
-        [sys.executable, "-m", "predictq.cli", "predict", str(tmp_path / "in.npz"),
-         "-o", str(tmp_path / "out.npz"), "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "predictq.cli",
+            "predict",
+            str(tmp_path / "in.npz"),
+            "-o",
+            str(tmp_path / "out.npz"),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     with np.load(tmp_path / "out.npz") as data:
         assert np.allclose(data["output_0"], models.reference(mlp_path, x[:10]), atol=1e-5)

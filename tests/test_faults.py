@@ -40,13 +40,15 @@ def aof_redis() -> Iterator[RedisServer]:
 
 def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
     env = kw.pop("env", {})
-    return WorkerProcess(broker_url=server.url(0), result_backend=server.url(1),
-                         model_path=model_path, env=env, **kw)
+    return WorkerProcess(
+        broker_url=server.url(0), result_backend=server.url(1), model_path=model_path, env=env, **kw
+    )
 
 
 def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
-    return PredictionClient(broker_url=server.url(0), result_backend=server.url(1),
-                            result_timeout_s=180, **kw)
+    return PredictionClient(
+        broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=180, **kw
+    )
 
 
 def inputs(n: int, seed: int = 0) -> np.ndarray:
@@ -128,6 +130,7 @@ def test_redis_restart_mid_run_every_submitted_job_completes(
         jobs: list[Job] = []
         halfway = threading.Event()
         with client_on(aof_redis, submit_timeout_s=60, visibility_timeout_s=5) as client:
+
             def submitter() -> None:
                 for i in range(len(x)):
                     jobs.append(client.submit(x[i]))
@@ -148,8 +151,9 @@ def test_redis_restart_mid_run_every_submitted_job_completes(
 
 def test_submit_with_redis_down_raises_broker_unavailable_in_bounded_time() -> None:
     dead = f"redis://127.0.0.1:{free_port()}"
-    with PredictionClient(broker_url=dead + "/0", result_backend=dead + "/1",
-                          submit_timeout_s=1) as client:
+    with PredictionClient(
+        broker_url=dead + "/0", result_backend=dead + "/1", submit_timeout_s=1
+    ) as client:
         started = time.monotonic()
         with pytest.raises(BrokerUnavailable, match=r"within 1s .*PREDICTQ_SUBMIT_TIMEOUT_S"):
             client.submit(np.zeros((1, F), np.float32))
@@ -178,8 +182,11 @@ def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_co
     aof_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.build_poison_model(str(tmp_path / "poison.keras"))
-    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "2", "PREDICTQ_MAX_DELIVERIES": "2",
-           "PREDICTQ_MODEL_IMPORTS": "tests.support.layers"}
+    env = {
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
+        "PREDICTQ_MAX_DELIVERIES": "2",
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+    }
     worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
     deaths = 0
     try:
@@ -194,8 +201,7 @@ def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_co
                 assert worker.process is not None and worker.process.returncode == 17
                 deaths += 1
                 assert deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
-                worker = worker_on(aof_redis, path, concurrency=8, name="poisoned",
-                                   env=env).start()
+                worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
                 worker.wait_ready()
             with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
                 bad.get(timeout=10)
@@ -210,26 +216,37 @@ def test_device_oom_splits_batches_and_a_job_that_never_fits_fails_alone(
 ) -> None:
     path = models.build_oom_model(str(tmp_path / "oom.keras"), max_rows=8)
     # Batches of up to 32 rows are formed; the model only fits 8 at a time.
-    env = {"PREDICTQ_MAX_BATCH_SIZE": "32", "PREDICTQ_BATCH_WAIT_MS": "50",
-           "PREDICTQ_MODEL_IMPORTS": "tests.support.layers"}
-    worker = WorkerProcess(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
-                           model_path=path, queue="oom", concurrency=16, name="oom",
-                           env=env).start()
+    env = {
+        "PREDICTQ_MAX_BATCH_SIZE": "32",
+        "PREDICTQ_BATCH_WAIT_MS": "50",
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+    }
+    worker = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=path,
+        queue="oom",
+        concurrency=16,
+        name="oom",
+        env=env,
+    ).start()
     try:
         worker.wait_ready()
         x = np.random.default_rng(4).random((40, F), dtype=np.float32)
         huge = np.random.default_rng(5).random((1, F), dtype=np.float32)
         huge[0, 0] = HUGE
-        with PredictionClient(broker_url=redis_server.url(0), result_backend=redis_server.url(1),
-                              queue="oom") as client:
+        with PredictionClient(
+            broker_url=redis_server.url(0), result_backend=redis_server.url(1), queue="oom"
+        ) as client:
             big = client.submit(x[:20])  # one job, more rows than fit at once
             doomed = client.submit(huge)
             singles = [client.submit(x[i : i + 1]) for i in range(20, 40)]
             with pytest.raises(DeviceOutOfMemory, match="does not fit in device memory"):
                 doomed.get(timeout=60)
             # (The reference runs in pieces of 8 rows: the model's own limit.)
-            expected = np.concatenate([models.reference(path, x[i : i + 8])
-                                       for i in range(0, 40, 8)])
+            expected = np.concatenate(
+                [models.reference(path, x[i : i + 8]) for i in range(0, 40, 8)]
+            )
             assert np.allclose(big.get(timeout=60), expected[:20], atol=1e-5)
             for i, job in enumerate(singles, start=20):
                 assert np.allclose(job.get(timeout=60), expected[i : i + 1], atol=1e-5)
@@ -243,7 +260,7 @@ def test_deadlines_backpressure_and_queue_cap(aof_redis: RedisServer, mlp_path: 
         expired = c.submit(x[0], deadline_s=0.001)
         queued = [c.submit(x[i]) for i in (1, 2)]
         assert c.queue_length() == 3
-        with pytest.raises(QueueFull, match="expected fewer than 3 waiting jobs .* found 3"):
+        with pytest.raises(QueueFull, match=r"expected fewer than 3 waiting jobs .* found 3"):
             c.submit(x[3])
         assert c.queue_length() == 3  # nothing was added
     with client_on(aof_redis, max_in_flight=2, submit_timeout_s=0.2) as c:
@@ -275,4 +292,3 @@ def test_deadlines_backpressure_and_queue_cap(aof_redis: RedisServer, mlp_path: 
             assert c.submit(x[0]).get(timeout=60).shape == (1, 4)
         finally:
             worker.stop()
-

@@ -34,12 +34,27 @@ def _nd(dtype: str, shape: list[int], data: bytes) -> dict[str, Any]:
 
 # Serializers a hostile client might use: our content type with raw msgpack
 # (crafted maps), our content type with garbage, and content types we refuse.
-register("raw-msgpack", lambda v: msgpack.packb(v, use_bin_type=True), msgpack.unpackb,
-         content_type=CONTENT_TYPE, content_encoding="binary")
-register("corrupt-msgpack", lambda v: b"\x93\xc1\xc1 not msgpack", msgpack.unpackb,
-         content_type=CONTENT_TYPE, content_encoding="binary")
-register("unknown-type", lambda v: json.dumps(v).encode(), json.loads,
-         content_type="application/x-something-else", content_encoding="utf-8")
+register(
+    "raw-msgpack",
+    lambda v: msgpack.packb(v, use_bin_type=True),
+    msgpack.unpackb,
+    content_type=CONTENT_TYPE,
+    content_encoding="binary",
+)
+register(
+    "corrupt-msgpack",
+    lambda v: b"\x93\xc1\xc1 not msgpack",
+    msgpack.unpackb,
+    content_type=CONTENT_TYPE,
+    content_encoding="binary",
+)
+register(
+    "unknown-type",
+    lambda v: json.dumps(v).encode(),
+    json.loads,
+    content_type="application/x-something-else",
+    content_encoding="utf-8",
+)
 
 
 @dataclass(frozen=True)
@@ -55,66 +70,108 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "wrong rank": Case((_nd("<f4", [F], b"\0" * 4 * F),),
-                       match=r"expected rank 2 with shape \[N, 16\], received rank 1"),
-    "wrong feature shape": Case((_nd("<f4", [2, F + 3], b"\0" * 4 * 2 * (F + 3)),),
-                                match=r"expected shape \[N, 16\], received \[2, 19\]"),
-    "wrong dtype (datetime)": Case((_nd("<M8[s]", [1, F], b"\0" * 8 * F),),
-                                   match="expected a numeric dtype .* received dtype '<M8"),
-    "object array": Case((_nd("|O", [1, F], b"\0" * 8 * F),),
-                         match="expected a numeric dtype .* received dtype '\\|O'"),
-    "string array": Case((_nd("<U4", [1, F], b"\0" * 16 * F),),
-                         match="received dtype '<U4'"),
-    "strings in json lists": Case(([["a"] * F],), serializer="json",
-                                  match="expected a numeric dtype"),
+    "wrong rank": Case(
+        (_nd("<f4", [F], b"\0" * 4 * F),),
+        match=r"expected rank 2 with shape \[N, 16\], received rank 1",
+    ),
+    "wrong feature shape": Case(
+        (_nd("<f4", [2, F + 3], b"\0" * 4 * 2 * (F + 3)),),
+        match=r"expected shape \[N, 16\], received \[2, 19\]",
+    ),
+    "wrong dtype (datetime)": Case(
+        (_nd("<M8[s]", [1, F], b"\0" * 8 * F),),
+        match="expected a numeric dtype .* received dtype '<M8",
+    ),
+    "object array": Case(
+        (_nd("|O", [1, F], b"\0" * 8 * F),),
+        match="expected a numeric dtype .* received dtype '\\|O'",
+    ),
+    "string array": Case((_nd("<U4", [1, F], b"\0" * 16 * F),), match="received dtype '<U4'"),
+    "strings in json lists": Case(
+        ([["a"] * F],), serializer="json", match="expected a numeric dtype"
+    ),
     "complex numbers": Case((_nd("<c8", [1, F], b"\0" * 8 * F),), match="received dtype '<c8'"),
-    "nan": Case(([[float("nan")] + [0.0] * (F - 1)],), serializer="json",
-                match="expected finite values, received 1 NaN/Inf"),
-    "inf": Case((_nd("<f4", [1, F], np.full((1, F), np.inf, np.float32).tobytes()),),
-                match=f"received {F} NaN/Inf"),
+    "nan": Case(
+        ([[float("nan")] + [0.0] * (F - 1)],),
+        serializer="json",
+        match="expected finite values, received 1 NaN/Inf",
+    ),
+    "inf": Case(
+        (_nd("<f4", [1, F], np.full((1, F), np.inf, np.float32).tobytes()),),
+        match=f"received {F} NaN/Inf",
+    ),
     "empty batch": Case((_nd("<f4", [0, F], b""),), match="received an empty batch"),
-    "ragged lists": Case(([[0.0] * F, [0.0] * (F - 1)],), serializer="json",
-                         match="ragged nested list"),
+    "ragged lists": Case(
+        ([[0.0] * F, [0.0] * (F - 1)],), serializer="json", match="ragged nested list"
+    ),
     "bytes shorter than shape x dtype": Case(
         (_nd("<f4", [2, F], b"\0" * (8 * F - 1)),),
-        match=r"shape \[2, 16\] of dtype <f4 needs 128 bytes, received 127"),
+        match=r"shape \[2, 16\] of dtype <f4 needs 128 bytes, received 127",
+    ),
     "bytes longer than shape x dtype": Case(
-        (_nd("<f4", [1, F], b"\0" * 4 * (F + 1)),), match="needs 64 bytes, received 68"),
-    "negative dimension": Case((_nd("<f4", [-1, F], b""),),
-                               match="expected 'shape' as a list of non-negative integers"),
-    "unknown dtype string": Case((_nd("float-ish", [1, F], b""),),
-                                 match="expected a numpy dtype string"),
-    "array map without data": Case(({"__ndarray__": 1, "dtype": "<f4", "shape": [1]},),
-                                   match="expected keys 'dtype', 'shape' and 'data'"),
-    "invalid base64 in json": Case(({"__ndarray__": 1, "dtype": "<f4", "shape": [1, F],
-                                     "data": "%%%"},), serializer="json",
-                                   match="not valid base64"),
-    "scalar instead of array": Case((3.5,), serializer="json",
-                                    match=r"expected an array .* received float"),
-    "text instead of array": Case(("rm -rf /",), serializer="json",
-                                  match=r"expected an array .* received str"),
-    "dict with the wrong input name": Case(({"pixels": [[0.0] * F]},), serializer="json",
-                                           match=r"expected keys \['x'\], received keys"),
-    "corrupted msgpack": Case((VALID,), serializer="corrupt-msgpack",
-                              error=InvalidInput, match="do not decode"),
-    "unknown content type": Case((VALID.tolist(),), serializer="unknown-type",
-                                 error=InvalidMessage,
-                                 match="expected content type .* received "
-                                       "'application/x-something-else'"),
+        (_nd("<f4", [1, F], b"\0" * 4 * (F + 1)),), match="needs 64 bytes, received 68"
+    ),
+    "negative dimension": Case(
+        (_nd("<f4", [-1, F], b""),), match="expected 'shape' as a list of non-negative integers"
+    ),
+    "unknown dtype string": Case(
+        (_nd("float-ish", [1, F], b""),), match="expected a numpy dtype string"
+    ),
+    "array map without data": Case(
+        ({"__ndarray__": 1, "dtype": "<f4", "shape": [1]},),
+        match="expected keys 'dtype', 'shape' and 'data'",
+    ),
+    "invalid base64 in json": Case(
+        ({"__ndarray__": 1, "dtype": "<f4", "shape": [1, F], "data": "%%%"},),
+        serializer="json",
+        match="not valid base64",
+    ),
+    "scalar instead of array": Case(
+        (3.5,), serializer="json", match=r"expected an array .* received float"
+    ),
+    "text instead of array": Case(
+        ("rm -rf /",), serializer="json", match=r"expected an array .* received str"
+    ),
+    "dict with the wrong input name": Case(
+        ({"pixels": [[0.0] * F]},), serializer="json", match=r"expected keys \['x'\], received keys"
+    ),
+    "corrupted msgpack": Case(
+        (VALID,), serializer="corrupt-msgpack", error=InvalidInput, match="do not decode"
+    ),
+    "unknown content type": Case(
+        (VALID.tolist(),),
+        serializer="unknown-type",
+        error=InvalidMessage,
+        match="expected content type .* received 'application/x-something-else'",
+    ),
     "payload over the size limit": Case(
-        (_nd("<f4", [20_000, F], b"\0" * 4 * 20_000 * F),), error=PayloadTooLarge,
-        match=r"expected at most 1048576 bytes .* received 128\d{4} bytes"),
-    "batch over the sample limit": Case((_nd("<f4", [5001, F], b"\0" * 4 * 5001 * F),),
-                                        match="expected at most 5000 samples per job"),
-    "missing task argument": Case((), match="expected exactly one argument `inputs`, "
-                                            "received 0 positional"),
-    "extra task argument": Case((VALID.tolist(), VALID.tolist()), serializer="json",
-                                match="received 2 positional argument"),
-    "unknown keyword argument": Case((VALID.tolist(),), {"temperature": 2}, serializer="json",
-                                     match=r"keyword arguments \['temperature'\]"),
-    "absurd expiry header": Case((VALID.tolist(),), serializer="json", error=InvalidMessage,
-                                 headers={"expires": "the twelfth of never"},
-                                 match="message refused"),
+        (_nd("<f4", [20_000, F], b"\0" * 4 * 20_000 * F),),
+        error=PayloadTooLarge,
+        match=r"expected at most 1048576 bytes .* received 128\d{4} bytes",
+    ),
+    "batch over the sample limit": Case(
+        (_nd("<f4", [5001, F], b"\0" * 4 * 5001 * F),),
+        match="expected at most 5000 samples per job",
+    ),
+    "missing task argument": Case(
+        (), match="expected exactly one argument `inputs`, received 0 positional"
+    ),
+    "extra task argument": Case(
+        (VALID.tolist(), VALID.tolist()), serializer="json", match="received 2 positional argument"
+    ),
+    "unknown keyword argument": Case(
+        (VALID.tolist(),),
+        {"temperature": 2},
+        serializer="json",
+        match=r"keyword arguments \['temperature'\]",
+    ),
+    "absurd expiry header": Case(
+        (VALID.tolist(),),
+        serializer="json",
+        error=InvalidMessage,
+        headers={"expires": "the twelfth of never"},
+        match="message refused",
+    ),
 }
 
 
@@ -122,12 +179,17 @@ def publish_raw(app: Celery, case: Case) -> str:
     """Publish a protocol-2 task message, headers and body as crafted by ``case``."""
     task_id = str(uuid.uuid4())
     headers, properties, body, sent_event = app.amqp.create_task_message(
-        task_id, "predictq.predict", case.args, case.kwargs or {})
+        task_id, "predictq.predict", case.args, case.kwargs or {}
+    )
     headers.update(case.headers or {})
     with app.producer_or_acquire() as producer:
-        app.amqp.send_task_message(producer, "predictq.predict",
-                                   (headers, properties, body, sent_event),
-                                   queue="mlp", serializer=case.serializer)
+        app.amqp.send_task_message(
+            producer,
+            "predictq.predict",
+            (headers, properties, body, sent_event),
+            queue="mlp",
+            serializer=case.serializer,
+        )
     return task_id
 
 
@@ -158,8 +220,10 @@ PRODUCER_CASES: dict[str, tuple[ProducerCall, str]] = {
     "negative deadline": (lambda c: c.submit(VALID, deadline_s=-5), r"deadline_s: expected"),
     "object array": (lambda c: c.submit(np.array([[object()] * F])), "expected a numeric dtype"),
     "ragged input": (lambda c: c.submit([[1.0, 2.0], [3.0]]), "ragged"),
-    "oversized job": (lambda c: c.submit(np.zeros((20_000, F), np.float32)),
-                      "expected at most 1048576 bytes"),
+    "oversized job": (
+        lambda c: c.submit(np.zeros((20_000, F), np.float32)),
+        "expected at most 1048576 bytes",
+    ),
     "bad chunk size": (lambda c: c.predict_many(VALID, chunk_size=0), "chunk_size: expected"),
 }
 

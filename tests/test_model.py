@@ -39,8 +39,9 @@ def test_savedmodel_directories_load_through_their_serving_signature(tmp_path: P
 
 
 @pytest.mark.parametrize("dict_io", [True, False])
-def test_multi_input_multi_output_models_keep_their_structure(tmp_path: Path,
-                                                               dict_io: bool) -> None:
+def test_multi_input_multi_output_models_keep_their_structure(
+    tmp_path: Path, dict_io: bool
+) -> None:
     path = models.build_multi_io(str(tmp_path / "multi.keras"), dict_io=dict_io)
     loaded = load_model(path)
     spec = loaded.spec
@@ -80,7 +81,7 @@ def test_load_errors_are_typed_and_say_what_is_wrong(tmp_path: Path) -> None:
         load_model(str(tmp_path / "missing.keras"))
     bad = tmp_path / "model.bin"
     bad.write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="expected a .keras or .h5 file"):
+    with pytest.raises(ModelLoadError, match=r"expected a \.keras or \.h5 file"):
         load_model(str(bad))
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"not a zip")

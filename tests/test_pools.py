@@ -34,15 +34,21 @@ def test_solo_pool_loads_once_and_serves_a_multi_input_multi_output_model(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.build_multi_io(str(tmp_path / "multi.keras"), dict_io=True)
-    worker = WorkerProcess(broker_url=private_redis.url(0), result_backend=private_redis.url(1),
-                           model_path=path, pool="solo", name="solo").start()
+    worker = WorkerProcess(
+        broker_url=private_redis.url(0),
+        result_backend=private_redis.url(1),
+        model_path=path,
+        pool="solo",
+        name="solo",
+    ).start()
     try:
         (record,) = worker.wait_ready()
         rng = np.random.default_rng(0)
         a = rng.random((100, 4, 6), dtype=np.float32)
         b = rng.random((100, 4, 3, 2), dtype=np.float32)
-        with PredictionClient(broker_url=private_redis.url(0),
-                              result_backend=private_redis.url(1)) as client:
+        with PredictionClient(
+            broker_url=private_redis.url(0), result_backend=private_redis.url(1)
+        ) as client:
             outs = run_jobs(client, lambda i: {"a": a[i], "b": b[i]}, 100, 8)
             as_list = client.predict([a[0], b[0]], timeout=60)
         for i, out in enumerate(outs):
@@ -61,13 +67,20 @@ def test_prefork_pool_loads_once_per_child_and_never_in_the_parent(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.export_savedmodel(str(tmp_path / "savedmodel"))
-    worker = WorkerProcess(broker_url=private_redis.url(0), result_backend=private_redis.url(1),
-                           model_path=path, pool="prefork", concurrency=2, name="prefork").start()
+    worker = WorkerProcess(
+        broker_url=private_redis.url(0),
+        result_backend=private_redis.url(1),
+        model_path=path,
+        pool="prefork",
+        concurrency=2,
+        name="prefork",
+    ).start()
     try:
         worker.wait_ready(processes=2)
         x = np.random.default_rng(1).random((100, 3, models.FEATURES), dtype=np.float32)
-        with PredictionClient(broker_url=private_redis.url(0),
-                              result_backend=private_redis.url(1)) as client:
+        with PredictionClient(
+            broker_url=private_redis.url(0), result_backend=private_redis.url(1)
+        ) as client:
             outs = run_jobs(client, lambda i: x[i], 100, 8)
         import tensorflow as tf
 

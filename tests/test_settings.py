@@ -17,12 +17,18 @@ def test_defaults_need_no_environment() -> None:
 
 
 def test_values_are_parsed_from_predictq_variables() -> None:
-    s = Settings.from_env({
-        "PREDICTQ_MAX_BATCH_SIZE": "128", "PREDICTQ_BATCH_WAIT_MS": "0.5",
-        "PREDICTQ_ALLOW_NONFINITE": "yes", "PREDICTQ_MODEL_IMPORTS": "a.b, c",
-        "PREDICTQ_GPU_MEMORY_LIMIT_MB": "2048", "PREDICTQ_DEVICE": "CPU",
-        "PREDICTQ_MAX_QUEUE_LENGTH": "none", "PREDICTQ_LOG_LEVEL": "debug",
-    })
+    s = Settings.from_env(
+        {
+            "PREDICTQ_MAX_BATCH_SIZE": "128",
+            "PREDICTQ_BATCH_WAIT_MS": "0.5",
+            "PREDICTQ_ALLOW_NONFINITE": "yes",
+            "PREDICTQ_MODEL_IMPORTS": "a.b, c",
+            "PREDICTQ_GPU_MEMORY_LIMIT_MB": "2048",
+            "PREDICTQ_DEVICE": "CPU",
+            "PREDICTQ_MAX_QUEUE_LENGTH": "none",
+            "PREDICTQ_LOG_LEVEL": "debug",
+        }
+    )
     assert s.max_batch_size == 128 and s.batch_wait_ms == 0.5
     assert s.allow_nonfinite is True and s.model_imports == ("a.b", "c")
     assert s.gpu_memory_limit_mb == 2048 and s.device == "cpu"
@@ -37,8 +43,10 @@ def test_values_are_parsed_from_predictq_variables() -> None:
         ({"PREDICTQ_BATCH_WAIT_MS": "-1"}, "PREDICTQ_BATCH_WAIT_MS must be number >= 0, got -1"),
         ({"PREDICTQ_ALLOW_NONFINITE": "maybe"}, "PREDICTQ_ALLOW_NONFINITE must be bool"),
         ({"PREDICTQ_DEVICE": "tpu"}, "PREDICTQ_DEVICE must be one of auto, cpu, gpu, got 'tpu'"),
-        ({"PREDICTQ_BROKER_URL": "amqp://guest:secret@h//"},
-         "PREDICTQ_BROKER_URL must be a redis://.*got 'amqp://guest:\\*\\*\\*@h//'"),
+        (
+            {"PREDICTQ_BROKER_URL": "amqp://guest:secret@h//"},
+            "PREDICTQ_BROKER_URL must be a redis://.*got 'amqp://guest:\\*\\*\\*@h//'",
+        ),
         ({"PREDICTQ_VISIBILITY_TIMEOUT_S": "0"}, "PREDICTQ_VISIBILITY_TIMEOUT_S must be"),
         ({"PREDICTQ_FLOWER_BASIC_AUTH": "nocolon"}, "PREDICTQ_FLOWER_BASIC_AUTH must be"),
     ],
@@ -63,8 +71,12 @@ def test_secrets_are_masked_wherever_settings_are_shown() -> None:
     assert mask_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("rediss://user:hunter2@h:6380/1?x=y") == "rediss://user:***@h:6380/1?x=y"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
-    s = Settings.from_env({"PREDICTQ_BROKER_URL": "redis://:hunter2@h/0",
-                           "PREDICTQ_FLOWER_BASIC_AUTH": "admin:hunter2"})
+    s = Settings.from_env(
+        {
+            "PREDICTQ_BROKER_URL": "redis://:hunter2@h/0",
+            "PREDICTQ_FLOWER_BASIC_AUTH": "admin:hunter2",
+        }
+    )
     shown = dict(s.public_items())
     assert "hunter2" not in str(shown)
     assert shown["PREDICTQ_FLOWER_BASIC_AUTH"] == "admin:***"

@@ -11,18 +11,34 @@ from predictq.errors import InvalidInput
 from workers.spec import ModelSpec, TensorSpec
 from workers.validation import validate
 
-SINGLE = ModelSpec("m.keras", "keras",
-                   (TensorSpec("x", (None, 4), np.dtype("float32")),),
-                   (TensorSpec("y", (None, 2), np.dtype("float32")),), "single", "single")
-MULTI = ModelSpec("m.keras", "keras",
-                  (TensorSpec("a", (None, 2), np.dtype("float32")),
-                   TensorSpec("b", (None, 3, None), np.dtype("int32"))),
-                  (TensorSpec("y", (None, 1), np.dtype("float32")),), "dict", "single")
+SINGLE = ModelSpec(
+    "m.keras",
+    "keras",
+    (TensorSpec("x", (None, 4), np.dtype("float32")),),
+    (TensorSpec("y", (None, 2), np.dtype("float32")),),
+    "single",
+    "single",
+)
+MULTI = ModelSpec(
+    "m.keras",
+    "keras",
+    (
+        TensorSpec("a", (None, 2), np.dtype("float32")),
+        TensorSpec("b", (None, 3, None), np.dtype("int32")),
+    ),
+    (TensorSpec("y", (None, 1), np.dtype("float32")),),
+    "dict",
+    "single",
+)
 
 
 def check(raw: object, spec: ModelSpec = SINGLE, **kw: object) -> list[np.ndarray]:
-    return validate(raw, spec, allow_nonfinite=bool(kw.get("allow_nonfinite", False)),
-                    max_job_samples=int(kw.get("max_job_samples", 100)))  # type: ignore[call-overload]
+    return validate(
+        raw,
+        spec,
+        allow_nonfinite=bool(kw.get("allow_nonfinite", False)),
+        max_job_samples=int(kw.get("max_job_samples", 100)),
+    )  # type: ignore[call-overload]
 
 
 def test_valid_inputs_in_every_accepted_form() -> None:
@@ -30,8 +46,12 @@ def test_valid_inputs_in_every_accepted_form() -> None:
     assert check(x)[0].shape == (3, 4)
     assert check(x.tolist())[0].dtype == np.float32  # JSON lists, cast from float64
     assert check({"x": x})[0].shape == (3, 4)
-    b64 = {"__ndarray__": 1, "dtype": "<f4", "shape": [3, 4],
-           "data": base64.b64encode(x.tobytes()).decode()}
+    b64 = {
+        "__ndarray__": 1,
+        "dtype": "<f4",
+        "shape": [3, 4],
+        "data": base64.b64encode(x.tobytes()).decode(),
+    }
     assert np.array_equal(check(b64)[0], x)
     a, b = check({"a": np.zeros((2, 2)), "b": np.zeros((2, 3, 7), np.int64)}, MULTI)
     assert a.dtype == np.float32 and b.dtype == np.int32 and b.shape == (2, 3, 7)
@@ -56,8 +76,9 @@ def test_valid_inputs_in_every_accepted_form() -> None:
         ({"y": np.ones((1, 4))}, r"expected keys \['x'\], received keys \['y'\]"),
     ],
 )
-def test_bad_inputs_name_what_was_expected_and_what_arrived(raw: object,
-                                                             message: str | None) -> None:
+def test_bad_inputs_name_what_was_expected_and_what_arrived(
+    raw: object, message: str | None
+) -> None:
     if message is None:  # bool -> float32 is a safe cast, accepted
         assert check(raw)[0].dtype == np.float32
         return
@@ -66,7 +87,7 @@ def test_bad_inputs_name_what_was_expected_and_what_arrived(raw: object,
 
 
 def test_unsafe_casts_are_refused() -> None:
-    with pytest.raises(InvalidInput, match="expected dtype int32 .* received float64"):
+    with pytest.raises(InvalidInput, match=r"expected dtype int32 .* received float64"):
         check({"a": np.zeros((1, 2)), "b": np.zeros((1, 3, 1))}, MULTI)
 
 

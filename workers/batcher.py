@@ -236,8 +236,9 @@ class Batcher:
                 self._run_batch(batch)
                 batch = []
         except BaseException as e:
-            # Invariant "never a hang": whatever killed the thread, fail every
-            # request it was responsible for before dying.
+            # Invariant "never a hang": whatever killed the loop, fail every
+            # request it was responsible for, and refuse new ones. Not re-raised:
+            # there is nobody above this thread to handle it.
             log.exception("device thread crashed; failing all pending jobs")
             error = PredictionError(f"the device thread crashed: {e!r}")
             for piece in batch:
@@ -245,7 +246,6 @@ class Batcher:
             with self._cond:
                 self._closed = True
             self._fail_queued(error)
-            raise
 
     def _fail_queued(self, error: BaseException) -> None:
         with self._cond:
@@ -346,8 +346,9 @@ class Batcher:
                 DeviceOutOfMemory(f"one sample of this job does not fit in device memory: {error}")
             )
             return
-        log.warning("device out of memory on %d samples; retrying in halves",
-                    sum(p.n for p in pieces))
+        log.warning(
+            "device out of memory on %d samples; retrying in halves", sum(p.n for p in pieces)
+        )
         for half in halves:
             self._execute(half)
 
@@ -356,8 +357,9 @@ class Batcher:
         if len(pieces) == 1:
             inputs = pieces[0].inputs
         else:
-            inputs = [np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces),
-                                                           strict=True)]
+            inputs = [
+                np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces), strict=True)
+            ]
         total = sum(p.n for p in pieces)
         started = time.monotonic()
         outputs = self._run(inputs)

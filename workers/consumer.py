@@ -66,8 +66,11 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
             # the worker exits when Redis restarts. The messages are still in
             # Redis's unacked index and the visibility timeout redelivers them,
             # so carry on reconnecting.
-            log.warning("broker connection lost with unacknowledged messages; they are "
-                        "redelivered after PREDICTQ_VISIBILITY_TIMEOUT_S", exc_info=True)
+            log.warning(
+                "broker connection lost with unacknowledged messages; they are "
+                "redelivered after PREDICTQ_VISIBILITY_TIMEOUT_S",
+                exc_info=True,
+            )
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         super().on_decode_error(message, exc)

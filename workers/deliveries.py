@@ -73,15 +73,20 @@ class DeliveryTracker:
 
     def count_attempt(self, task_id: str) -> None:
         """Record one more attempt; raise PoisonJob if it would exceed the limit."""
+
         def incr() -> list[int]:
             pipe = self._client.pipeline()
             pipe.incr(self._key(task_id))
             pipe.expire(self._key(task_id), self._ttl_s)
-            return pipe.execute()  # type: ignore[no-any-return]
+            return list(pipe.execute())
 
         count, _ = _patiently(incr)
         attempts = 1 + int(count)
         if attempts > self._max:
             raise self._error(task_id, attempts - 1)
-        log.warning("job %s redelivered: running it alone (attempt %d of at most %d)",
-                    task_id, attempts, self._max)
+        log.warning(
+            "job %s redelivered: running it alone (attempt %d of at most %d)",
+            task_id,
+            attempts,
+            self._max,
+        )

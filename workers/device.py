@@ -51,9 +51,8 @@ def configure_devices(settings: Settings) -> DeviceInfo:
         if settings.gpu_memory_limit_mb is not None:
             # A logical device with a memory limit replaces memory growth:
             # TensorFlow refuses both on one device.
-            tf.config.set_logical_device_configuration(
-                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=settings.gpu_memory_limit_mb)]
-            )
+            limit = tf.config.LogicalDeviceConfiguration(memory_limit=settings.gpu_memory_limit_mb)
+            tf.config.set_logical_device_configuration(gpu, [limit])
         elif settings.gpu_memory_growth:
             tf.config.experimental.set_memory_growth(gpu, True)
     names = tuple(g.name for g in gpus)

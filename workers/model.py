@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,9 +64,13 @@ class LoadedModel:
             try:
                 self(zeros)
             except DeviceOutOfMemory as e:
-                log.warning("warm-up: a batch of %d samples does not fit in device memory (%s); "
-                            "such batches will be split; consider a smaller "
-                            "PREDICTQ_MAX_BATCH_SIZE", n, e)
+                log.warning(
+                    "warm-up: a batch of %d samples does not fit in device memory (%s); "
+                    "such batches will be split; consider a smaller "
+                    "PREDICTQ_MAX_BATCH_SIZE",
+                    n,
+                    e,
+                )
 
 
 def import_model_modules(modules: Sequence[str]) -> None:
@@ -98,8 +102,14 @@ def load_model(path: str) -> LoadedModel:
     except Exception as e:
         raise ModelLoadError(f"cannot load model {path!r}: {type(e).__name__}: {e}") from e
     load_s = time.monotonic() - started
-    log.info("loaded %s model %s in %.2fs: inputs %s, outputs %s", spec.format, path, load_s,
-             [s.describe() for s in spec.inputs], [s.describe() for s in spec.outputs])
+    log.info(
+        "loaded %s model %s in %.2fs: inputs %s, outputs %s",
+        spec.format,
+        path,
+        load_s,
+        [s.describe() for s in spec.inputs],
+        [s.describe() for s in spec.outputs],
+    )
     return LoadedModel(spec, fn, load_s)
 
 
@@ -146,18 +156,20 @@ def _load_keras(path: str) -> tuple[ModelSpec, Callable[..., Any]]:
     else:
         in_tensors = list(model.inputs)
         names = [t.name for t in in_tensors]
-    inputs = tuple(_tensor_spec(n, t.shape, t.dtype) for n, t in zip(names, in_tensors,
-                                                                      strict=True))
+    inputs = tuple(
+        _tensor_spec(n, t.shape, t.dtype) for n, t in zip(names, in_tensors, strict=True)
+    )
     if out_structure == "dict":
         out_names = list(model.output.keys())
         out_tensors = [model.output[k] for k in out_names]
     else:
         out_tensors = list(model.outputs)
         out_names = list(getattr(model, "output_names", None) or [t.name for t in out_tensors])
-    outputs = tuple(_tensor_spec(n, t.shape, t.dtype) for n, t in zip(out_names, out_tensors,
-                                                                       strict=True))
+    outputs = tuple(
+        _tensor_spec(n, t.shape, t.dtype) for n, t in zip(out_names, out_tensors, strict=True)
+    )
     _check_inputs(path, inputs)
-    fmt = "keras" if path.endswith(".keras") else "h5"
+    fmt: Literal["keras", "h5"] = "keras" if path.endswith(".keras") else "h5"
     spec = ModelSpec(path, fmt, inputs, outputs, in_structure, out_structure)
     signature = [tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in inputs]
 

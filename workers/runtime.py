@@ -3,8 +3,8 @@
 Lifecycle, in one place: ``start_runtime`` configures the device, loads and
 warms the model, starts the device thread, metrics and readiness record;
 ``stop_runtime`` undoes it in reverse order. Both are called from Celery signal
-handlers (workers/signals.py) exactly once per worker process; ``_lock`` makes
-a second call a no-op rather than a second model load.
+handlers (workers/signals.py) exactly once per worker process; ``_process.lock``
+makes a second call a no-op rather than a second model load.
 """
 
 from __future__ import annotations
@@ -85,24 +85,30 @@ class Runtime:
         return spec.structure_outputs(future.result())
 
 
-_lock = threading.Lock()
-_runtime: Runtime | None = None
-_loads = 0
+class _Process:
+    """This process's runtime and how many times it loaded a model (should be 1)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runtime: Runtime | None = None
+        self.loads = 0
+
+
+_process = _Process()
 
 
 def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 0) -> Runtime:
     """Load the model for this process (once) and start serving it."""
-    global _runtime, _loads
-    with _lock:
-        if _runtime is not None:
-            return _runtime
+    with _process.lock:
+        if _process.runtime is not None:
+            return _process.runtime
         if not settings.model_path:
             raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
         started = time.monotonic()
         device = configure_devices(settings)
         import_model_modules(settings.model_imports)
         model = load_model(settings.model_path)
-        _loads += 1
+        _process.loads += 1
         # One inference per batch shape the device thread will see: single jobs
         # and full batches. The function is batch-polymorphic, so this traces
         # once and also fails fast if a full batch does not fit the device.
@@ -113,8 +119,9 @@ def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 
         metrics.record_model(model.spec, warm_s, device.kind)
         metrics_port = None
         if settings.metrics_port is not None:
-            metrics_port = metrics.serve(settings.metrics_port + index if settings.metrics_port
-                                         else 0)
+            metrics_port = metrics.serve(
+                settings.metrics_port + index if settings.metrics_port else 0
+            )
         runtime.readiness = ReadinessRecord(
             runtime.redis,
             nodename,
@@ -123,17 +130,19 @@ def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 
             _record_fields(runtime, pool, warm_s, metrics_port),
         )
         runtime.readiness.publish()
-        _runtime = runtime
-        log.info("model ready in %.2fs on %s (pid %d, %s pool)", warm_s, device.kind,
-                 os.getpid(), pool)
+        _process.runtime = runtime
+        log.info(
+            "model ready in %.2fs on %s (pid %d, %s pool)", warm_s, device.kind, os.getpid(), pool
+        )
         return runtime
 
 
-def _record_fields(runtime: Runtime, pool: str, warm_s: float,
-                   metrics_port: int | None) -> dict[str, Any]:
+def _record_fields(
+    runtime: Runtime, pool: str, warm_s: float, metrics_port: int | None
+) -> dict[str, Any]:
     return {
         "pool": pool,
-        "loads": _loads,
+        "loads": _process.loads,
         "warm": True,
         "device": runtime.device,
         "load_s": round(warm_s, 3),
@@ -146,7 +155,7 @@ def _record_fields(runtime: Runtime, pool: str, warm_s: float,
 
 def current_runtime() -> Runtime:
     """The process's runtime; ModelNotReady if the model is not loaded (yet)."""
-    runtime = _runtime
+    runtime = _process.runtime
     if runtime is None:
         raise ModelNotReady(f"no model is loaded in worker process {os.getpid()}")
     return runtime
@@ -154,9 +163,8 @@ def current_runtime() -> Runtime:
 
 def stop_runtime() -> None:
     """Finish queued batches, then withdraw the readiness record (reverse of start)."""
-    global _runtime
-    with _lock:
-        runtime, _runtime = _runtime, None
+    with _process.lock:
+        runtime, _process.runtime = _process.runtime, None
     if runtime is None:
         return
     if not runtime.batcher.close(runtime.settings.shutdown_timeout_s):

@@ -30,8 +30,11 @@ from workers.runtime import start_runtime, stop_runtime
 
 log = logging.getLogger(__name__)
 
-# Set in the main worker process by worker_init; prefork children inherit it.
-_pool_name = "unknown"
+
+class _Worker:
+    """Set in the main worker process by worker_init; prefork children inherit it."""
+
+    pool = "unknown"
 
 
 def _pool_kind(pool_cls: Any) -> str:
@@ -44,44 +47,51 @@ def _pool_kind(pool_cls: Any) -> str:
     )
 
 
-@signals.user_preload_options.connect
 def _on_cli_start(**_: Any) -> None:
     # Before `celery -A workers flower` parses FLOWER_* options.
     export_flower_options(worker_settings())
 
 
-@signals.worker_init.connect
 def _on_worker_init(sender: Any, **_: Any) -> None:
-    global _pool_name
     settings = worker_settings()
-    _pool_name = _pool_kind(sender.pool_cls)
-    log.info("predictq worker %s: pool=%s broker=%s backend=%s model=%s", sender.hostname,
-             _pool_name, mask_url(settings.broker_url), mask_url(settings.result_backend),
-             settings.model_path)
+    _Worker.pool = _pool_kind(sender.pool_cls)
+    log.info(
+        "predictq worker %s: pool=%s broker=%s backend=%s model=%s",
+        sender.hostname,
+        _Worker.pool,
+        mask_url(settings.broker_url),
+        mask_url(settings.result_backend),
+        settings.model_path,
+    )
     if settings.log_level != "DEBUG":
         # Celery decides once, when it builds its task tracers and strategies,
         # whether to log every task at INFO, with a repr() of the result array;
         # at thousands of jobs per second that costs more than the prediction.
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
-    if _pool_name == "threads":
+    if _Worker.pool == "threads":
         start_runtime(settings, nodename=sender.hostname, pool="threads")
 
 
-@signals.worker_process_init.connect
 def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
     from billiard.process import current_process
 
     # prefork children are numbered from 1; the solo pool runs in process 0.
     index = getattr(current_process(), "index", 0) or 0
-    start_runtime(worker_settings(), nodename=str(sender), pool=_pool_name, index=index)
+    start_runtime(worker_settings(), nodename=str(sender), pool=_Worker.pool, index=index)
 
 
-@signals.worker_process_shutdown.connect
 def _on_worker_process_shutdown(**_: Any) -> None:
     stop_runtime()
 
 
-@signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     stop_runtime()
+
+
+# Connected explicitly (not as decorators) so the handlers keep their types.
+signals.user_preload_options.connect(_on_cli_start)
+signals.worker_init.connect(_on_worker_init)
+signals.worker_process_init.connect(_on_worker_process_init)
+signals.worker_process_shutdown.connect(_on_worker_process_shutdown)
+signals.worker_shutdown.connect(_on_worker_shutdown)

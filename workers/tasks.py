@@ -41,8 +41,9 @@ class PredictTask(Task):  # type: ignore[misc]
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         metrics.JOBS.labels(outcome="success", error_type="").inc()
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
         metrics.JOBS.labels(outcome="failure", error_type=type(exc).__name__).inc()
 
 
@@ -79,8 +80,7 @@ def _context(request: Any) -> JobContext:
     )
 
 
-@app.task(bind=True, base=PredictTask, name=PREDICT_TASK)
-def predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
+def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
     """Predict the model's output for ``inputs``."""
     raw = _the_input(args, kwargs)
     try:
@@ -93,7 +93,11 @@ def predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
         raise Reject(str(e), requeue=True) from e
 
 
-@app.task(name=NOOP_TASK, acks_late=True)
-def noop(*args: Any, **kwargs: Any) -> None:
+def _noop(*args: Any, **kwargs: Any) -> None:
     """Do nothing: the per-message ceiling of the queue (used by the benchmark)."""
     return None
+
+
+# Registered explicitly: Celery's decorator is untyped.
+predict: Task = app.task(bind=True, base=PredictTask, name=PREDICT_TASK)(_predict)
+noop: Task = app.task(name=NOOP_TASK, acks_late=True)(_noop)

@@ -125,5 +125,8 @@ def validate(
 
 
 def _dims(shape: Sequence[int | None]) -> str:
-    return "[" + ", ".join("N" if i == 0 else ("*" if d is None else str(d))
-                           for i, d in enumerate(shape)) + "]"
+    return (
+        "["
+        + ", ".join("N" if i == 0 else ("*" if d is None else str(d)) for i, d in enumerate(shape))
+        + "]"
+    )

@@ -12,8 +12,7 @@ FEATURES = 16
 CLASSES = 4
 
 
-def build_mlp(path: str, *, features: int = FEATURES, classes: int = CLASSES,
-              seed: int = 1) -> str:
+def build_mlp(path: str, *, features: int = FEATURES, classes: int = CLASSES, seed: int = 1) -> str:
     """A small MLP saved at ``path`` (.keras or .h5)."""
     import keras
 
@@ -48,8 +47,9 @@ def export_savedmodel(path: str, *, features: int = FEATURES, seed: int = 3) -> 
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((features,), name="x"),
-                              keras.layers.Dense(5, activation="tanh")])
+    model = keras.Sequential(
+        [keras.Input((features,), name="x"), keras.layers.Dense(5, activation="tanh")]
+    )
     model.export(path, verbose=False)
     return path
 

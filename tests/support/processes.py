@@ -24,20 +24,26 @@ ROOT = Path(__file__).resolve().parents[2]
 def base_env(**extra: str) -> dict[str, str]:
     """The environment of a test subprocess: quiet TensorFlow, repo importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTQ_")}
-    env.update({
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "PYTHONUNBUFFERED": "1",
-        # Tests run many TensorFlow processes on 2 cores: keep each one small.
-        "PREDICTQ_INTRA_OP_THREADS": "2",
-        "PREDICTQ_INTER_OP_THREADS": "1",
-    })
+    env.update(
+        {
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "PYTHONUNBUFFERED": "1",
+            # Tests run many TensorFlow processes on 2 cores: keep each one small.
+            "PREDICTQ_INTRA_OP_THREADS": "2",
+            "PREDICTQ_INTER_OP_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
-             on_timeout: Callable[[], str] | None = None) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout_s: float,
+    what: str,
+    on_timeout: Callable[[], str] | None = None,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (the value), or fail.
 
     Used only for state that has no event to wait on (a process's readiness
@@ -57,10 +63,19 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
 class WorkerProcess:
     """`predictq worker` as a subprocess, with its log captured to a file."""
 
-    def __init__(self, *, broker_url: str, result_backend: str, model_path: str,
-                 pool: str = "threads", concurrency: int = 8, queue: str = "predictq",
-                 env: Mapping[str, str] | None = None, name: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        broker_url: str,
+        result_backend: str,
+        model_path: str,
+        pool: str = "threads",
+        concurrency: int = 8,
+        queue: str = "predictq",
+        env: Mapping[str, str] | None = None,
+        name: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.name = name or f"w{free_port()}"
         self.pool = pool
         self.result_backend = result_backend
@@ -73,8 +88,19 @@ class WorkerProcess:
             PREDICTQ_METRICS_PORT=str(self.metrics_port),
             **dict(env or {}),
         )
-        self.argv = [sys.executable, "-m", "predictq.cli", "worker", "--pool", pool,
-                     "-c", str(concurrency), "-n", f"{self.name}@%h", *extra_args]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "predictq.cli",
+            "worker",
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{self.name}@%h",
+            *extra_args,
+        ]
         fd, self.log_path = tempfile.mkstemp(prefix=f"predictq-{self.name}-", suffix=".log")
         os.close(fd)
         self.process: subprocess.Popen[bytes] | None = None
@@ -82,8 +108,9 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the process (returns at once; see ``wait_ready``)."""
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, cwd=ROOT)
+            self.process = subprocess.Popen(
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
         return self
 
     @property
@@ -112,23 +139,30 @@ class WorkerProcess:
         client = redis.Redis.from_url(self.result_backend, socket_timeout=5)
         pids = self.pids()
         try:
-            return [r for r in read_records(client)
-                    if r.get("nodename", "").startswith(self.name + "@") and r.get("pid") in pids]
+            return [
+                r
+                for r in read_records(client)
+                if r.get("nodename", "").startswith(self.name + "@") and r.get("pid") in pids
+            ]
         finally:
             client.close()
 
     def wait_ready(self, processes: int = 1, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         """Block until ``processes`` readiness records exist (model loaded, warm)."""
+
         def ready() -> list[dict[str, Any]] | None:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise AssertionError(f"worker {self.name} exited with {self.process.returncode}"
-                                     f":\n{self.log()[-4000:]}")
+                raise AssertionError(
+                    f"worker {self.name} exited with {self.process.returncode}"
+                    f":\n{self.log()[-4000:]}"
+                )
             records = self.records()
             return records if len(records) >= processes else None
 
-        return wait_for(ready, timeout_s, f"worker {self.name} to be ready",
-                        lambda: self.log()[-3000:])  # type: ignore[no-any-return]
+        return wait_for(
+            ready, timeout_s, f"worker {self.name} to be ready", lambda: self.log()[-3000:]
+        )  # type: ignore[no-any-return]
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         """SIGTERM (warm shutdown) and wait; returns the exit code."""
