@@ -132,7 +132,7 @@ def flower(port: int | None, flower_args: tuple[str, ...]) -> None:
         f"--port={port or settings.flower_port}",
     ]
     if settings.flower_basic_auth:
-        argv.append(f"--basic_auth={settings.flower_basic_auth}")
+        os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth  # not argv: ps shows argv
     _exec([*argv, *flower_args], dict(os.environ))
 
 

@@ -174,7 +174,7 @@ class PredictionClient:
         self._collector = ResultCollector(self._results, backend.decode_result)
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
-        self._unfinished: dict[str, tuple[Any, datetime | None]] = {}
+        self._unfinished: dict[str, tuple[Any, datetime | None, str]] = {}
         self._recovery = LostJobRecovery(
             self._broker,
             queue_keys(self.settings.queue),
@@ -200,7 +200,14 @@ class PredictionClient:
         normalized = wire.normalize(inputs)
         return self._submit(normalized, deadline_s=deadline_s, rows=None)
 
-    def _submit(self, normalized: Any, *, deadline_s: float | None, rows: slice | None) -> Job:
+    def _submit(
+        self,
+        normalized: Any,
+        *,
+        deadline_s: float | None,
+        rows: slice | None,
+        task: str = PREDICT_TASK,
+    ) -> Job:
         if self._closed:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
@@ -216,12 +223,12 @@ class PredictionClient:
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         try:
-            self._publish(job_id, normalized, expires)
+            self._publish(job_id, normalized, expires, task)
         except BaseException:
             self._collector.forget(job_id)
             self._slots.release()
             raise
-        self._unfinished[job_id] = (normalized, expires)
+        self._unfinished[job_id] = (normalized, expires, task)
         self._recovery.track(job_id)
         future.add_done_callback(lambda _f: self._finished(job_id))
         return Job(self, job_id, future, rows)
@@ -242,13 +249,15 @@ class PredictionClient:
         if entry is not None:
             self._publish(job_id, *entry)
 
-    def _publish(self, job_id: str, normalized: Any, expires: datetime | None) -> None:
+    def _publish(
+        self, job_id: str, normalized: Any, expires: datetime | None, task: str = PREDICT_TASK
+    ) -> None:
         give_up = time.monotonic() + self.settings.submit_timeout_s
         delay_s = 0.05
         while True:
             try:
                 self._app.send_task(
-                    PREDICT_TASK,
+                    task,
                     args=(normalized,),
                     task_id=job_id,
                     queue=self.settings.queue,

@@ -36,8 +36,14 @@ def test_20k_jobs_survive_a_worker_kill_and_a_redis_restart_with_bounded_memory(
     env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "5"}
 
     def start(name: str) -> WorkerProcess:
-        return WorkerProcess(broker_url=aof_redis.url(0), result_backend=aof_redis.url(1),
-                             model_path=mlp_path, concurrency=16, name=name, env=env).start()
+        return WorkerProcess(
+            broker_url=aof_redis.url(0),
+            result_backend=aof_redis.url(1),
+            model_path=mlp_path,
+            concurrency=16,
+            name=name,
+            env=env,
+        ).start()
 
     steady, victim = start("steady"), start("victim")
     replacement: WorkerProcess | None = None
@@ -48,9 +54,14 @@ def test_20k_jobs_survive_a_worker_kill_and_a_redis_restart_with_bounded_memory(
         expected = models.reference(mlp_path, x.reshape(-1, F))
         jobs: list[Job | None] = [None] * JOBS
         # Warm the workers up before the first memory reading.
-        with PredictionClient(broker_url=aof_redis.url(0), result_backend=aof_redis.url(1),
-                              visibility_timeout_s=5, submit_timeout_s=90,
-                              max_in_flight=4000, result_timeout_s=300) as client:
+        with PredictionClient(
+            broker_url=aof_redis.url(0),
+            result_backend=aof_redis.url(1),
+            visibility_timeout_s=5,
+            submit_timeout_s=90,
+            max_in_flight=4000,
+            result_timeout_s=300,
+        ) as client:
             for job in [client.submit(x[i]) for i in range(200)]:
                 job.get()
             steady_start = rss_mb(steady)
@@ -84,9 +95,11 @@ def test_20k_jobs_survive_a_worker_kill_and_a_redis_restart_with_bounded_memory(
             )
             steady_end, replacement_end = rss_mb(steady), rss_mb(replacement)
             republished = client._recovery.republished
-        report = (f"correct {correct}/{JOBS}; RSS steady {steady_start:.0f}->{steady_end:.0f} MB, "
-                  f"replacement {replacement_start:.0f}->{replacement_end:.0f} MB; "
-                  f"republished by the producer: {republished}")
+        report = (
+            f"correct {correct}/{JOBS}; RSS steady {steady_start:.0f}->{steady_end:.0f} MB, "
+            f"replacement {replacement_start:.0f}->{replacement_end:.0f} MB; "
+            f"republished by the producer: {republished}"
+        )
         print(report)
         record_property("soak", report)  # type: ignore[operator]
         assert correct == JOBS

@@ -53,6 +53,9 @@ def _on_cli_start(**_: Any) -> None:
 
 
 def _on_worker_init(sender: Any, **_: Any) -> None:
+    # Celery sends worker_init before it sets up logging; without this, the
+    # INFO lines of the model load below would be dropped.
+    sender.setup_logging()
     settings = worker_settings()
     _Worker.pool = _pool_kind(sender.pool_cls)
     log.info(

@@ -1,0 +1,1 @@
+"""The predictq benchmark: `python -m bench` (see README, "Benchmark")."""

@@ -1,0 +1,301 @@
+"""`python -m bench`: every scenario side by side, on this machine, in one run.
+
+Prints a table and the target ratios, and writes bench/results/latest.json.
+`--quick` shrinks the job counts for a smoke run (its ratios are not the targets').
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from bench import procs
+from bench.models import BenchModel, build
+from bench.scenarios import Result, bulk, closed_loop, raw
+from predictq.celeryconf import NOOP_TASK
+from predictq.codec import ACCEPT_CONTENT
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference(model_path: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    import keras
+
+    model = keras.models.load_model(model_path, compile=False)
+    return np.concatenate(
+        [np.asarray(model(x[i : i + 1024], training=False)) for i in range(0, len(x), 1024)]
+    )
+
+
+def run_model(
+    m: BenchModel,
+    server: RedisServer,
+    args: argparse.Namespace,
+    results: list[Result],
+    noop_done: bool,
+) -> dict[str, float]:
+    broker, backend = server.url(0), server.url(1)
+    queue = f"bench-{m.name}"
+    x = m.inputs(args.storm_jobs, seed=1)
+    expected = reference(m.path, x)
+    raw_result, batch1_ms = raw(
+        m.path, m.inputs(4096, seed=2), reference(m.path, m.inputs(4096, seed=2)), m.name
+    )
+    results.append(raw_result)
+    print(
+        f"[{m.name}] raw: {raw_result.samples_per_s:,.0f} samples/s ({raw_result.note}); "
+        f"batch-1 call {batch1_ms:.2f} ms",
+        flush=True,
+    )
+
+    worker = procs.predictq_worker(
+        broker, backend, m.path, concurrency=args.concurrency, extra_env={"PREDICTQ_QUEUE": queue}
+    )
+    extra: dict[str, float] = {"batch1_ms": batch1_ms}
+    try:
+        with PredictionClient(
+            broker_url=broker,
+            result_backend=backend,
+            queue=queue,
+            result_timeout_s=120,
+            max_in_flight=4096,
+        ) as client:
+
+            def predict_one(i: int) -> Any:
+                return client.predict(x[i : i + 1])
+
+            def noop_one(i: int) -> Any:
+                client._submit(x[i : i + 1], deadline_s=None, rows=None, task=NOOP_TASK).get()
+                return expected[i : i + 1]  # nothing to check: the task returns None
+
+            closed_loop(m.name, "warm-up", predict_one, expected, jobs=200, threads=8)
+            if not noop_done:
+                worker.reset_peak()
+                r = closed_loop(
+                    "-",
+                    "noop (predictq client)",
+                    noop_one,
+                    expected,
+                    jobs=args.storm_jobs,
+                    threads=args.threads,
+                    time_box_s=args.noop_s,
+                )
+                r.peak_rss_mb = worker.peak_rss_mb
+                results.append(r)
+                results.append(_celery_noop(broker, backend, queue, x, expected, args))
+                idle_noop = closed_loop(
+                    "-", "noop idle latency", noop_one, expected, jobs=args.idle_jobs, threads=1
+                )
+                results.append(idle_noop)
+            worker.reset_peak()
+            storm = closed_loop(
+                m.name,
+                "predictq storm",
+                predict_one,
+                expected,
+                jobs=args.storm_jobs,
+                threads=args.threads,
+            )
+            storm.peak_rss_mb = worker.peak_rss_mb
+            results.append(storm)
+            results.append(
+                closed_loop(
+                    m.name,
+                    "predictq idle latency",
+                    predict_one,
+                    expected,
+                    jobs=args.idle_jobs,
+                    threads=1,
+                )
+            )
+            worker.reset_peak()
+            xb = m.inputs(m.bulk_rows, seed=3)
+            chunk = args.chunk_size if m.name == "mlp" else 256
+            b = bulk(
+                m.name,
+                lambda a: client.predict_many(a, chunk_size=chunk, timeout=300),
+                xb,
+                reference(m.path, xb),
+                note=f"{m.bulk_rows:,} rows, chunk {chunk}",
+            )
+            b.peak_rss_mb = worker.peak_rss_mb
+            results.append(b)
+    finally:
+        worker.stop()
+    results.append(_naive(m, broker, backend, x, expected, args))
+    return extra
+
+
+def _celery_noop(
+    broker: str, backend: str, queue: str, x: Any, expected: Any, args: argparse.Namespace
+) -> Result:
+    """The no-op through a plain Celery client: send_task + AsyncResult.get per thread."""
+    from celery import Celery
+
+    app = Celery("plain-client", broker=broker, backend=backend, set_as_current=False)
+    # A plain client must accept the worker's result content type to read results.
+    app.conf.update(task_serializer="json", result_accept_content=list(ACCEPT_CONTENT))
+
+    def call(i: int) -> Any:
+        app.send_task(NOOP_TASK, args=[x[i : i + 1].tolist()], queue=queue).get(timeout=60)
+        return expected[i : i + 1]
+
+    try:
+        return closed_loop(
+            "-",
+            "noop (celery client)",
+            call,
+            expected,
+            jobs=args.storm_jobs,
+            threads=args.threads,
+            time_box_s=args.noop_s,
+        )
+    finally:
+        app.close()
+
+
+def _naive(
+    m: BenchModel, broker: str, backend: str, x: Any, expected: Any, args: argparse.Namespace
+) -> Result:
+    from celery import Celery
+
+    worker = procs.naive_worker(broker, backend, m.path, concurrency=2)
+    app = Celery("naive-client", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+
+    def call(i: int) -> Any:
+        rows = app.send_task("naive.predict", args=[x[i : i + 1].tolist()], queue="naive").get(
+            timeout=120
+        )
+        return np.asarray(rows, dtype=np.float32)
+
+    try:
+        closed_loop(m.name, "warm-up", call, expected, jobs=4, threads=2)
+        worker.reset_peak()
+        r = closed_loop(
+            m.name,
+            "naive template",
+            call,
+            expected,
+            jobs=args.storm_jobs,
+            threads=args.threads,
+            time_box_s=args.naive_s,
+        )
+        r.peak_rss_mb = worker.peak_rss_mb
+        r.note += "; prefork -c 2, JSON, model.predict per job"
+        return r
+    finally:
+        app.close()
+        worker.stop()
+
+
+def _fmt(v: float | None, spec: str = ",.1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(results: list[Result], extras: dict[str, dict[str, float]]) -> dict[str, Any]:
+    header = (
+        f"{'scenario':<26}{'model':<13}{'jobs':>8}{'samples/s':>13}{'jobs/s':>10}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'RSS MB':>8}{'errors':>7}{'max|err|':>10}  note"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in results:
+        print(
+            f"{r.scenario:<26}{r.model:<13}{r.jobs:>8}{_fmt(r.samples_per_s):>13}"
+            f"{_fmt(r.jobs_per_s):>10}{_fmt(r.pct(50), '.2f'):>9}{_fmt(r.pct(99), '.2f'):>9}"
+            f"{_fmt(r.peak_rss_mb, '.0f'):>8}{r.errors:>7}{r.max_abs_err:>10.1e}  {r.note}"
+        )
+
+    def find(scenario: str, model: str = "-") -> Result:
+        return next(r for r in results if r.scenario == scenario and r.model in (model, "-"))
+
+    ratios: dict[str, Any] = {}
+    noop = find("noop (predictq client)")
+    noop_celery = find("noop (celery client)")
+    idle_noop = find("noop idle latency")
+    print("\nTargets:")
+    for model, extra in extras.items():
+        storm, naive = find("predictq storm", model), find("naive template", model)
+        if min(noop.jobs_per_s, noop_celery.jobs_per_s, naive.jobs_per_s) == 0:
+            print(f"  [{model}] a baseline completed no jobs: no ratios")
+            continue
+        rows = {
+            "bulk / raw samples/s (>= 0.75)": find("predictq bulk", model).samples_per_s
+            / find("raw", model).samples_per_s,
+            "storm / noop jobs/s, same client (>= 0.90)": storm.jobs_per_s / noop.jobs_per_s,
+            "storm / noop jobs/s, plain Celery client": storm.jobs_per_s / noop_celery.jobs_per_s,
+            "storm / naive jobs/s (>= 20)": storm.jobs_per_s / naive.jobs_per_s,
+        }
+        idle = find("predictq idle latency", model).pct(50) or 0.0
+        budget = (idle_noop.pct(50) or 0.0) + extra["batch1_ms"] + 2.0
+        for label, value in rows.items():
+            print(f"  [{model}] {label}: {value:.2f}")
+        print(
+            f"  [{model}] idle p50 {idle:.2f} ms vs budget {budget:.2f} ms "
+            f"(noop p50 + batch-1 {extra['batch1_ms']:.2f} ms + 2 ms): "
+            f"{'met' if idle <= budget else 'MISSED'}"
+        )
+        ratios[model] = {
+            **{k: round(v, 3) for k, v in rows.items()},
+            "idle_p50_ms": idle,
+            "idle_budget_ms": budget,
+        }
+    errors = sum(r.errors for r in results)
+    print(
+        f"  errors in all scenarios: {errors}; largest |output - in-process output|: "
+        f"{max(r.max_abs_err for r in results):.1e}"
+    )
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    parser.add_argument("--threads", type=int, default=32, help="producer threads")
+    parser.add_argument("--concurrency", type=int, default=64, help="worker threads")
+    parser.add_argument("--chunk-size", type=int, default=8192, help="bulk rows per job (MLP)")
+    parser.add_argument("--models", default="mlp,mobilenetv2")
+    args = parser.parse_args()
+    args.storm_jobs = 1000 if args.quick else 10_000
+    args.idle_jobs = 50 if args.quick else 300
+    args.noop_s = 5.0 if args.quick else 20.0
+    args.naive_s = 5.0 if args.quick else 15.0
+    started = time.time()
+    results: list[Result] = []
+    extras: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
+        models = [m for m in build(tmp, quick=args.quick) if m.name in args.models.split(",")]
+        for i, m in enumerate(models):
+            extras[m.name] = run_model(m, server, args, results, noop_done=i > 0)
+    ratios = report(results, extras)
+    RESULTS.mkdir(exist_ok=True)
+    out = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "quick": args.quick,
+        "seconds": round(time.time() - started, 1),
+        "results": [r.as_dict() for r in results],
+        "ratios": ratios,
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {RESULTS / 'latest.json'} ({out['seconds']:.0f}s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Worker processes for the benchmark, and their peak memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import redis
+
+from predictq.readiness import read_records
+from predictq.redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Worker:
+    """A worker subprocess (predictq or the naive template) with an RSS sampler."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
+        fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
+        os.close(fd)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                proc = psutil.Process(self.process.pid)
+                rss = proc.memory_info().rss + sum(
+                    c.memory_info().rss for c in proc.children(recursive=True)
+                )
+            except psutil.Error:
+                return
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 2**20)
+
+    def reset_peak(self) -> None:
+        """Start a new peak measurement (e.g. per scenario)."""
+        self.peak_rss_mb = 0.0
+
+    def log_tail(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTQ_")}
+    env.update(
+        {
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def predictq_worker(
+    broker: str, backend: str, model_path: str, *, concurrency: int, extra_env: dict[str, str]
+) -> Worker:
+    """`predictq worker` (threads pool) with the given settings; waits until ready."""
+    env = base_env(
+        PREDICTQ_BROKER_URL=broker,
+        PREDICTQ_RESULT_BACKEND=backend,
+        PREDICTQ_MODEL_PATH=model_path,
+        PREDICTQ_METRICS_PORT=str(free_port()),
+        PREDICTQ_LOG_LEVEL="WARNING",
+        **extra_env,
+    )
+    worker = Worker(
+        [
+            sys.executable,
+            "-m",
+            "predictq.cli",
+            "worker",
+            "-c",
+            str(concurrency),
+            "-n",
+            f"bench{free_port()}@%h",
+        ],
+        env,
+        "predictq",
+    )
+    client = redis.Redis.from_url(backend)
+    give_up = time.monotonic() + 180
+    while not any(r.get("pid") == worker.process.pid for r in read_records(client)):
+        if worker.process.poll() is not None or time.monotonic() > give_up:
+            raise RuntimeError(f"predictq worker did not start:\n{worker.log_tail()}")
+        time.sleep(0.1)
+    return worker
+
+
+def naive_worker(broker: str, backend: str, model_path: str, *, concurrency: int) -> Worker:
+    """The typical template: prefork pool, JSON, model.predict per job."""
+    env = base_env(
+        NAIVE_BROKER_URL=broker, NAIVE_RESULT_BACKEND=backend, NAIVE_MODEL_PATH=model_path
+    )
+    worker = Worker(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.naive_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+            "-Q",
+            "naive",
+        ],
+        env,
+        "naive",
+    )
+    return worker

@@ -1,0 +1,174 @@
+"""The measured scenarios: each returns a Result, checked against in-process outputs."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray[Any, Any]
+ATOL = 1e-5
+
+
+@dataclass
+class Result:
+    """What one scenario measured."""
+
+    scenario: str
+    model: str
+    jobs: int
+    samples: int
+    seconds: float
+    errors: int = 0
+    max_abs_err: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    peak_rss_mb: float | None = None
+    note: str = ""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("latencies_ms")
+        d.update(
+            samples_per_s=round(self.samples_per_s, 1),
+            jobs_per_s=round(self.jobs_per_s, 1),
+            p50_ms=self.pct(50),
+            p99_ms=self.pct(99),
+        )
+        return d
+
+
+def _error(got: Any, want: Array) -> float:
+    got = np.asarray(got, dtype=np.float32)
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.max(np.abs(got - want))) if got.size else 0.0
+
+
+def raw(
+    model_path: str,
+    x: Array,
+    expected: Array,
+    name: str,
+    batch_sizes: tuple[int, ...] = (1, 64, 256, 1024, 4096),
+) -> tuple[Result, float]:
+    """In-process compiled call at the best batch size; also returns the batch-1 time (ms)."""
+    from workers.model import load_model
+
+    model = load_model(model_path)
+    best: Result | None = None
+    batch1_ms = 0.0
+    for bs in batch_sizes:
+        batch = x[:bs]
+        model([batch])
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.5:
+            (out,) = model([batch])
+            calls += 1
+        seconds = time.perf_counter() - started
+        if bs == 1:
+            batch1_ms = seconds / calls * 1000
+        result = Result(
+            "raw",
+            name,
+            calls,
+            calls * bs,
+            seconds,
+            max_abs_err=_error(out, expected[:bs]),
+            note=f"batch {bs}",
+        )
+        if best is None or result.samples_per_s > best.samples_per_s:
+            best = result
+    assert best is not None
+    return best, batch1_ms
+
+
+def closed_loop(
+    name: str,
+    scenario: str,
+    call: Callable[[int], Any],
+    expected: Array,
+    *,
+    jobs: int,
+    threads: int,
+    time_box_s: float | None = None,
+    rows_per_job: int = 1,
+) -> Result:
+    """``threads`` producers, each sending one job and waiting for it before the next."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    worst = [0.0]
+    done = [0]
+    stop_at = [float("inf")]
+    start_barrier = threading.Barrier(threads + 1)
+
+    def producer() -> None:
+        start_barrier.wait()
+        while True:
+            i = next(counter)
+            if i >= jobs or time.perf_counter() > stop_at[0]:
+                return
+            t0 = time.perf_counter()
+            try:
+                out = call(i)
+                err = _error(out, expected[i * rows_per_job : (i + 1) * rows_per_job])
+            except Exception:
+                with lock:
+                    errors[0] += 1
+                continue
+            ms = (time.perf_counter() - t0) * 1000
+            with lock:
+                latencies.append(ms)
+                done[0] += 1
+                worst[0] = max(worst[0], err)
+                if err > ATOL:
+                    errors[0] += 1
+
+    pool = [threading.Thread(target=producer, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    started = time.perf_counter()
+    if time_box_s is not None:
+        stop_at[0] = started + time_box_s
+    start_barrier.wait()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - started
+    return Result(
+        scenario,
+        name,
+        done[0],
+        done[0] * rows_per_job,
+        seconds,
+        errors[0],
+        worst[0],
+        latencies,
+        note=f"{threads} producer threads",
+    )
+
+
+def bulk(
+    name: str, predict_many: Callable[[Array], Array], x: Array, expected: Array, note: str
+) -> Result:
+    started = time.perf_counter()
+    out = predict_many(x)
+    seconds = time.perf_counter() - started
+    err = _error(out, expected)
+    return Result("predictq bulk", name, 1, len(x), seconds, int(err > ATOL), err, note=note)
