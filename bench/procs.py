@@ -87,8 +87,7 @@ def predictq_worker(
         PREDICTQ_RESULT_BACKEND=backend,
         PREDICTQ_MODEL_PATH=model_path,
         PREDICTQ_METRICS_PORT=str(free_port()),
-        PREDICTQ_LOG_LEVEL="WARNING",
-        **extra_env,
+        **{"PREDICTQ_LOG_LEVEL": "WARNING", **extra_env},
     )
     worker = Worker(
         [

@@ -187,7 +187,9 @@ def _load_keras(path: str) -> tuple[ModelSpec, Callable[..., Any]]:
             return list(out)
         return [out]
 
-    fn = tf.function(call, input_signature=signature, autograph=False)
+    # Calling the concrete function skips tf.function's per-call signature
+    # dispatch (about 0.3 ms per call, most of a small model's batch-1 time).
+    fn = tf.function(call, input_signature=signature, autograph=False).get_concrete_function()
     return spec, fn
 
 
