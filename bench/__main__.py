@@ -24,7 +24,7 @@ from bench import procs
 from bench.models import BenchModel, build
 from bench.scenarios import Result, bulk, closed_loop, raw
 from predictq.celeryconf import NOOP_TASK
-from predictq.codec import ACCEPT_CONTENT
+from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
 from predictq.redis_server import RedisServer
 from producer import PredictionClient
 
@@ -146,8 +146,13 @@ def _celery_noop(
     from celery import Celery
 
     app = Celery("plain-client", broker=broker, backend=backend, set_as_current=False)
-    # A plain client must accept the worker's result content type to read results.
-    app.conf.update(task_serializer="json", result_accept_content=list(ACCEPT_CONTENT))
+    # Redis stores results without their content type: a plain client must be
+    # told the workers' result serializer to read them.
+    app.conf.update(
+        task_serializer="json",
+        result_serializer=SERIALIZER_NAME,
+        result_accept_content=list(ACCEPT_CONTENT),
+    )
 
     def call(i: int) -> Any:
         app.send_task(NOOP_TASK, args=[x[i : i + 1].tolist()], queue=queue).get(timeout=60)

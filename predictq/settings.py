@@ -58,12 +58,13 @@ class Settings:
 
     # --- Batching and worker pool ------------------------------------------
     max_batch_size: int = field(
-        default=256, metadata={"help": "Samples per device call; larger jobs are split."}
+        default=4096, metadata={"help": "Samples per device call; larger jobs are split."}
     )
     batch_wait_ms: float = field(
-        default=2.0,
+        default=5.0,
         metadata={
-            "help": "Longest wait for more jobs after the first one, while more are on the way."
+            "help": "Longest wait for more jobs after the first one, only while more are "
+            "expected (announced, or arriving faster than this)."
         },
     )
     worker_concurrency: int = field(
@@ -75,6 +76,10 @@ class Settings:
     )
     max_job_samples: int = field(
         default=1_000_000, metadata={"help": "Largest batch (rows) one job may carry."}
+    )
+    inline_payload_bytes: int = field(
+        default=64 * 1024,
+        metadata={"help": "Jobs larger than this travel by reference (a Redis key), not inline."},
     )
     max_payload_bytes: int = field(
         default=256 * 1024 * 1024,
@@ -164,6 +169,12 @@ class Settings:
         _require(self.max_job_samples >= 1, "max_job_samples", self.max_job_samples, ">= 1")
         _require(
             self.max_payload_bytes >= 1024, "max_payload_bytes", self.max_payload_bytes, ">= 1024"
+        )
+        _require(
+            self.inline_payload_bytes >= 0,
+            "inline_payload_bytes",
+            self.inline_payload_bytes,
+            "bytes >= 0",
         )
         _require(
             self.visibility_timeout_s >= 1,

@@ -22,6 +22,7 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import TaskRevokedError, WorkerLostError
 from kombu.exceptions import OperationalError
 
+from predictq import codec, payloads
 from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
@@ -39,6 +40,7 @@ from predictq.redis_client import client_from_url, queue_keys
 from predictq.settings import Settings, mask_url
 from producer import wire
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
+from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,13 @@ class PredictionClient:
         self._app.conf.update(celery_config(self.settings))
         self._broker = client_from_url(self.settings.broker_url)
         self._results = client_from_url(self.settings.result_backend)
+        self._publisher = RedisPublisher(self._app, self._broker, self.settings.queue)
+        # A stored input must outlive the job's longest life: queued, then
+        # redelivered up to max_deliveries times after the visibility timeout.
+        self._payload_ttl_s = int(
+            self.settings.result_ttl_s
+            + self.settings.visibility_timeout_s * (self.settings.max_deliveries + 1)
+        )
         # Results are decoded on the collector thread, with the backend's own
         # decoder (serializer checks and exception rebuilding included).
         backend = self._app.backend
@@ -252,29 +261,24 @@ class PredictionClient:
     def _publish(
         self, job_id: str, normalized: Any, expires: datetime | None, task: str = PREDICT_TASK
     ) -> None:
+        payload = None
+        argument: Any = normalized
+        if sum(a.nbytes for a in wire.arrays_of(normalized)) > self.settings.inline_payload_bytes:
+            argument = payloads.reference(job_id)
+            payload = (payloads.payload_key(job_id), codec.dumps(normalized), self._payload_ttl_s)
+        raw = self._publisher.encode(
+            job_id,
+            task,
+            (argument,),
+            expires=expires,
+            headers={SENT_AT_HEADER: time.time()},
+            argsrepr=wire.summary(normalized),
+        )
         give_up = time.monotonic() + self.settings.submit_timeout_s
         delay_s = 0.05
         while True:
             try:
-                self._app.send_task(
-                    task,
-                    args=(normalized,),
-                    task_id=job_id,
-                    queue=self.settings.queue,
-                    expires=expires,
-                    headers={SENT_AT_HEADER: time.time()},
-                    argsrepr=wire.summary(normalized),
-                    kwargsrepr="{}",
-                    # kombu re-establishes the connection between attempts;
-                    # the loop around it enforces the overall deadline.
-                    retry=True,
-                    retry_policy={
-                        "max_retries": 1,
-                        "interval_start": 0,
-                        "interval_step": 0.1,
-                        "interval_max": 0.1,
-                    },
-                )
+                self._publisher.publish(raw, payload)
                 return
             except _CONNECTION_ERRORS as e:
                 remaining = give_up - time.monotonic()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, ModelNotReady, PredictionError
-from workers.batcher import Batcher, BatchStats
+from workers.batcher import Batcher, BatchStats, wait_for_more_s
 
 Array = np.ndarray[Any, Any]
 
@@ -262,6 +262,21 @@ def test_an_announced_job_is_waited_for_and_joins_the_batch(make: Any) -> None:
     assert first.result(5)[0][0, 0] == 6
     assert second[0].result(5)[0][0, 0] == 14
     assert model.batches == [2]
+
+
+def test_waiting_is_worth_it_only_when_another_job_is_expected() -> None:
+    # An announced job: wait (up to the budget).
+    assert wait_for_more_s(incoming=1, gap_s=None, since_last_s=0, remaining_s=0.004) == 0.004
+    # A steady stream, one job every 1 ms: wait for the next one, not longer.
+    assert wait_for_more_s(
+        incoming=0, gap_s=0.001, since_last_s=0.0005, remaining_s=0.004
+    ) == pytest.approx(0.0015)
+    # The stream stopped (the next job is overdue): run now.
+    assert wait_for_more_s(incoming=0, gap_s=0.001, since_last_s=0.003, remaining_s=0.004) == 0
+    # Jobs arrive slower than the budget, or nothing is known: run now.
+    assert wait_for_more_s(incoming=0, gap_s=0.010, since_last_s=0, remaining_s=0.004) == 0
+    assert wait_for_more_s(incoming=0, gap_s=None, since_last_s=0, remaining_s=0.004) == 0
+    assert wait_for_more_s(incoming=3, gap_s=0.0, since_last_s=0, remaining_s=0.0) == 0
 
 
 def test_a_crashing_device_thread_fails_every_pending_request() -> None:

@@ -87,6 +87,18 @@ def test_a_job_larger_than_max_batch_size_is_split_and_reassembled_in_order(
     assert np.allclose(client.predict(x, timeout=60), models.reference(mlp_path, x), atol=1e-5)
 
 
+def test_a_large_job_travels_by_reference_and_its_stored_input_is_deleted_after(
+    client: PredictionClient, redis_server: RedisServer, mlp_path: str
+) -> None:
+    x = rng(7).random((3000, F), dtype=np.float32)  # 192 KB > the 64 KB inline limit
+    job = client.submit(x)
+    key = f"predictq:payload:{job.id}"
+    queued = redis_server.client().lrange("mlp", 0, -1)
+    assert all(len(m) < 4096 for m in queued)  # the message itself stays small
+    assert np.allclose(job.get(timeout=60), models.reference(mlp_path, x), atol=1e-5)
+    assert redis_server.client().exists(key) == 0
+
+
 def test_predict_many_keeps_order_and_never_exceeds_max_in_flight(
     redis_server: RedisServer, mlp_path: str, mlp_worker: WorkerProcess
 ) -> None:

@@ -153,6 +153,16 @@ CASES: dict[str, Case] = {
         (_nd("<f4", [5001, F], b"\0" * 4 * 5001 * F),),
         match="expected at most 5000 samples per job",
     ),
+    "payload reference outside predictq's keys": Case(
+        ({"__payload__": "predictq:ready:some-worker"},),
+        serializer="json",
+        match="payload reference: expected",
+    ),
+    "payload reference to nothing": Case(
+        ({"__payload__": "predictq:payload:does-not-exist"},),
+        serializer="json",
+        match="found none",
+    ),
     "missing task argument": Case(
         (), match="expected exactly one argument `inputs`, received 0 positional"
     ),
@@ -238,4 +248,25 @@ def test_the_producer_refuses_bad_calls_before_sending_anything(
     with pytest.raises(InvalidInput, match=match):
         call(client)
     assert client.queue_length() == before
+    assert client.predict(VALID, timeout=60).shape == (2, 4)
+
+
+def test_an_oversized_referenced_payload_is_refused_before_it_is_read(
+    hostile: Celery, redis_server: RedisServer, client: PredictionClient
+) -> None:
+    task_id = str(uuid.uuid4())
+    redis_server.client().set(f"predictq:payload:{task_id}", b"\0" * (2 * 1024 * 1024))
+    headers, properties, body, sent_event = hostile.amqp.create_task_message(
+        task_id, "predictq.predict", ({"__payload__": f"predictq:payload:{task_id}"},), {}
+    )
+    with hostile.producer_or_acquire() as producer:
+        hostile.amqp.send_task_message(
+            producer,
+            "predictq.predict",
+            (headers, properties, body, sent_event),
+            queue="mlp",
+            serializer="json",
+        )
+    with pytest.raises(PayloadTooLarge, match=r"expected at most 1048576 bytes .* 2097152 bytes"):
+        client.job(task_id).get(timeout=60)
     assert client.predict(VALID, timeout=60).shape == (2, 4)

@@ -20,9 +20,13 @@ Invariants (each has a test in tests/test_batcher.py):
 * A request larger than ``max_batch_size`` is split into device-sized pieces
   that are reassembled in order.
 
-The wait for more jobs ends early when no job is on its way (see ``announce``):
-waiting only pays when another job is about to arrive, so an idle worker adds no
-latency while a busy one fills its batches.
+The wait for more jobs ends early when no job is expected: waiting only pays
+when another job is about to arrive, so an idle worker adds no latency while a
+busy one fills its batches. A job is expected when one is announced (a task is
+validating its input, see ``announce``) or when recent jobs arrived closer
+together than the time left to wait (an average of inter-arrival gaps). On a
+CPU, one device call costs about the same for 1 or 8 samples, so under load
+this turns N calls into one.
 """
 
 from __future__ import annotations
@@ -124,6 +128,25 @@ class _Piece:
         )
 
 
+def wait_for_more_s(
+    incoming: int, gap_s: float | None, since_last_s: float, remaining_s: float
+) -> float:
+    """How long to wait for another job before running the batch (0: run now).
+
+    Wait while a job is announced. Otherwise wait only for the next job of a
+    steady stream: not when it is expected after the ``batch_wait_ms`` budget
+    (``remaining_s``) runs out, and no longer once it is overdue by a whole
+    average gap (the stream stopped).
+    """
+    if remaining_s <= 0:
+        return 0.0
+    if incoming > 0:
+        return remaining_s
+    if gap_s is None or gap_s - since_last_s > remaining_s:
+        return 0.0
+    return max(0.0, min(remaining_s, 2 * gap_s - since_last_s))
+
+
 class Batcher:
     """Runs ``run`` on batches of concurrently submitted requests, on one thread."""
 
@@ -151,6 +174,8 @@ class Batcher:
         self._queue: deque[_Piece] = deque()
         self._incoming = 0
         self._closed = False
+        self._last_arrival: float | None = None
+        self._gap_s: float | None = None  # moving average of inter-arrival gaps
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
@@ -204,9 +229,16 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise ModelNotReady("the worker is shutting down and takes no new jobs")
+            self._note_arrival(request.submitted_at)
             self._queue.extend(pieces)
             self._cond.notify_all()
         return request.future
+
+    def _note_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap_s = gap if self._gap_s is None else 0.8 * self._gap_s + 0.2 * gap
+        self._last_arrival = now
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Stop taking requests, finish the queued ones, join the device thread.
@@ -268,10 +300,12 @@ class Batcher:
             wait_until = time.monotonic() + self._wait_s
             while samples < self._max:
                 samples = self._take_compatible(batch, samples)
-                remaining = wait_until - time.monotonic()
-                if samples >= self._max or self._incoming == 0 or remaining <= 0:
+                now = time.monotonic()
+                since_last = now - (self._last_arrival or now)
+                wait_s = wait_for_more_s(self._incoming, self._gap_s, since_last, wait_until - now)
+                if samples >= self._max or wait_s <= 0:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(wait_s)
             return batch
 
     def _take_compatible(self, batch: list[_Piece], samples: int) -> int:

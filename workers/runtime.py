@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from predictq.errors import ConfigError, ModelNotReady
+import redis
+
+from predictq import payloads
+from predictq.errors import BrokerUnavailable, ConfigError, ModelNotReady, PredictqError
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings
@@ -54,6 +57,7 @@ class Runtime:
             on_batch=metrics.record_batch,
         )
         redis_client = client_from_url(settings.result_backend)
+        self.broker = client_from_url(settings.broker_url)
         self.deliveries = DeliveryTracker(
             redis_client, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
         )
@@ -64,6 +68,7 @@ class Runtime:
         """Validate, batch, run and restructure one job's prediction."""
         spec = self.model.spec
         with self.batcher.announce():
+            raw = self._resolve(raw)
             arrays = validate(
                 raw,
                 spec,
@@ -83,6 +88,25 @@ class Runtime:
             else:
                 future = self.batcher.submit(arrays, deadline=job.deadline)
         return spec.structure_outputs(future.result())
+
+    def _resolve(self, raw: object) -> object:
+        """The job's input, read from Redis when it travelled by reference."""
+        key = payloads.referenced_key(raw)
+        if key is None:
+            return raw
+        try:
+            return payloads.fetch(self.broker, key, max_bytes=self.settings.max_payload_bytes)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise BrokerUnavailable(f"cannot read the job's input from Redis: {e}") from e
+
+    def forget_payload(self, raw: object) -> None:
+        """Delete a referenced input once its job has a final outcome (best effort)."""
+        try:
+            key = payloads.referenced_key(raw)
+            if key is not None:
+                self.broker.delete(key)
+        except (redis.RedisError, PredictqError) as e:
+            log.warning("could not delete a job's stored input (it expires by itself): %s", e)
 
 
 class _Process:

@@ -7,6 +7,7 @@ output in the model's own structure (one array, a list, or a dict by name).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from predictq.errors import (
     InvalidInput,
     ModelNotReady,
     PoisonJob,
+    PredictqError,
 )
 from workers import metrics
 from workers.app import app
@@ -40,11 +42,22 @@ class PredictTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         metrics.JOBS.labels(outcome="success", error_type="").inc()
+        _forget_payload(args)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         metrics.JOBS.labels(outcome="failure", error_type=type(exc).__name__).inc()
+        # A final outcome: the input is not needed again. Not for a lost worker
+        # (prefork): that job is requeued and will read its input again.
+        if isinstance(exc, PredictqError) and not exc.retryable:
+            _forget_payload(args)
+
+
+def _forget_payload(args: Any) -> None:
+    if args and isinstance(args, list | tuple):
+        with contextlib.suppress(ModelNotReady):
+            current_runtime().forget_payload(args[0])
 
 
 def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
