@@ -51,20 +51,29 @@ def run_model(
     queue = f"bench-{m.name}"
     x = m.inputs(args.storm_jobs, seed=1)
     expected = reference(m.path, x)
-    raw_result, batch1_ms = raw(
+    raw_result, batch1_ms, alone_ms = raw(
         m.path, m.inputs(4096, seed=2), reference(m.path, m.inputs(4096, seed=2)), m.name
     )
     results.append(raw_result)
+    best_batch = raw_result.samples // raw_result.jobs
     print(
         f"[{m.name}] raw: {raw_result.samples_per_s:,.0f} samples/s ({raw_result.note}); "
-        f"batch-1 call {batch1_ms:.2f} ms",
+        f"batch-1 call {batch1_ms:.2f} ms back to back, {alone_ms:.2f} ms alone",
         flush=True,
     )
-
+    # Configured as an operator would: device batches of the model's best size.
     worker = procs.predictq_worker(
-        broker, backend, m.path, concurrency=args.concurrency, extra_env={"PREDICTQ_QUEUE": queue}
+        broker,
+        backend,
+        m.path,
+        concurrency=args.concurrency,
+        extra_env={"PREDICTQ_QUEUE": queue, "PREDICTQ_MAX_BATCH_SIZE": str(best_batch)},
     )
-    extra: dict[str, float] = {"batch1_ms": batch1_ms}
+    extra: dict[str, float] = {
+        "batch1_ms": batch1_ms,
+        "alone_ms": alone_ms,
+        "max_batch_size": best_batch,
+    }
     try:
         with PredictionClient(
             broker_url=broker,
@@ -82,19 +91,21 @@ def run_model(
                 return expected[i : i + 1]  # nothing to check: the task returns None
 
             closed_loop(m.name, "warm-up", predict_one, expected, jobs=200, threads=8)
+            # The per-message ceiling, measured right before this model's storm
+            # on the same worker (same settings, same minute of machine noise).
+            worker.reset_peak()
+            r = closed_loop(
+                m.name,
+                "noop (predictq client)",
+                noop_one,
+                expected,
+                jobs=args.storm_jobs,
+                threads=args.threads,
+                time_box_s=args.noop_s,
+            )
+            r.peak_rss_mb = worker.peak_rss_mb
+            results.append(r)
             if not noop_done:
-                worker.reset_peak()
-                r = closed_loop(
-                    "-",
-                    "noop (predictq client)",
-                    noop_one,
-                    expected,
-                    jobs=args.storm_jobs,
-                    threads=args.threads,
-                    time_box_s=args.noop_s,
-                )
-                r.peak_rss_mb = worker.peak_rss_mb
-                results.append(r)
                 results.append(_celery_noop(broker, backend, queue, x, expected, args))
                 idle_noop = closed_loop(
                     "-", "noop idle latency", noop_one, expected, jobs=args.idle_jobs, threads=1
@@ -123,7 +134,7 @@ def run_model(
             )
             worker.reset_peak()
             xb = m.inputs(m.bulk_rows, seed=3)
-            chunk = args.chunk_size if m.name == "mlp" else 256
+            chunk = max(best_batch, args.chunk_size if m.name == "mlp" else best_batch)
             b = bulk(
                 m.name,
                 lambda a: client.predict_many(a, chunk_size=chunk, timeout=300),
@@ -228,12 +239,12 @@ def report(results: list[Result], extras: dict[str, dict[str, float]]) -> dict[s
         return next(r for r in results if r.scenario == scenario and r.model in (model, "-"))
 
     ratios: dict[str, Any] = {}
-    noop = find("noop (predictq client)")
     noop_celery = find("noop (celery client)")
     idle_noop = find("noop idle latency")
     print("\nTargets:")
     for model, extra in extras.items():
         storm, naive = find("predictq storm", model), find("naive template", model)
+        noop = find("noop (predictq client)", model)
         if min(noop.jobs_per_s, noop_celery.jobs_per_s, naive.jobs_per_s) == 0:
             print(f"  [{model}] a baseline completed no jobs: no ratios")
             continue
@@ -245,18 +256,20 @@ def report(results: list[Result], extras: dict[str, dict[str, float]]) -> dict[s
             "storm / naive jobs/s (>= 20)": storm.jobs_per_s / naive.jobs_per_s,
         }
         idle = find("predictq idle latency", model).pct(50) or 0.0
-        budget = (idle_noop.pct(50) or 0.0) + extra["batch1_ms"] + 2.0
+        budget = (idle_noop.pct(50) or 0.0) + extra["alone_ms"] + 2.0
         for label, value in rows.items():
             print(f"  [{model}] {label}: {value:.2f}")
         print(
             f"  [{model}] idle p50 {idle:.2f} ms vs budget {budget:.2f} ms "
-            f"(noop p50 + batch-1 {extra['batch1_ms']:.2f} ms + 2 ms): "
+            f"(noop p50 + batch-1 alone {extra['alone_ms']:.2f} ms + 2 ms; "
+            f"back to back it is {extra['batch1_ms']:.2f} ms): "
             f"{'met' if idle <= budget else 'MISSED'}"
         )
         ratios[model] = {
             **{k: round(v, 3) for k, v in rows.items()},
             "idle_p50_ms": idle,
             "idle_budget_ms": budget,
+            **extra,
         }
     errors = sum(r.errors for r in results)
     print(
@@ -275,9 +288,9 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,mobilenetv2")
     args = parser.parse_args()
     args.storm_jobs = 1000 if args.quick else 10_000
-    args.idle_jobs = 50 if args.quick else 300
-    args.noop_s = 5.0 if args.quick else 20.0
-    args.naive_s = 5.0 if args.quick else 15.0
+    args.idle_jobs = 50 if args.quick else 200
+    args.noop_s = 5.0 if args.quick else 10.0
+    args.naive_s = 5.0 if args.quick else 8.0
     started = time.time()
     results: list[Result] = []
     extras: dict[str, dict[str, float]] = {}

@@ -61,7 +61,7 @@ class Settings:
         default=4096, metadata={"help": "Samples per device call; larger jobs are split."}
     )
     batch_wait_ms: float = field(
-        default=5.0,
+        default=10.0,
         metadata={
             "help": "Longest wait for more jobs after the first one, only while more are "
             "expected (announced, or arriving faster than this)."

@@ -138,7 +138,12 @@ class Supervisor:
         flower_url = ""
         if self.options.flower:
             env.setdefault("PREDICTQ_FLOWER_PORT", str(self.settings.flower_port))
-            self._spawn("flower", [sys.executable, "-m", "predictq.cli", "flower"], env)
+            # Local only: the embedded system has no password of its own.
+            self._spawn(
+                "flower",
+                [sys.executable, "-m", "predictq.cli", "flower", "--address=127.0.0.1"],
+                env,
+            )
             flower_url = f"http://127.0.0.1:{env['PREDICTQ_FLOWER_PORT']}"
         record = self._wait_ready(backend_url)
         self.options.echo(

@@ -180,7 +180,12 @@ class PredictionClient:
         # Results are decoded on the collector thread, with the backend's own
         # decoder (serializer checks and exception rebuilding included).
         backend = self._app.backend
-        self._collector = ResultCollector(self._results, backend.decode_result)
+        # Task ids start with a prefix of this client's own, so that one
+        # pattern subscription collects all of its results.
+        self._id_prefix = f"pq-{uuid.uuid4().hex[:12]}."
+        self._collector = ResultCollector(
+            self._results, backend.decode_result, own_prefix=self._id_prefix
+        )
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
         self._unfinished: dict[str, tuple[Any, datetime | None, str]] = {}
@@ -228,7 +233,7 @@ class PredictionClient:
                 f"expected at most {self.settings.max_in_flight} unfinished jobs "
                 f"(max_in_flight); still full after {self.settings.submit_timeout_s:g}s"
             )
-        job_id = str(uuid.uuid4())
+        job_id = f"{self._id_prefix}{uuid.uuid4()}"
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         try:

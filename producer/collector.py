@@ -9,7 +9,11 @@ subscribes to the result channels, decodes results and resolves the futures.
 The Redis result backend stores a result with SET and PUBLISHes it on a channel
 named after the same key, so:
 
-* ``watch`` is called before the job is published and queues a SUBSCRIBE;
+* jobs whose task id starts with this client's own prefix need no subscription
+  of their own: one PSUBSCRIBE to ``celery-task-meta-<prefix>*``, made when the
+  collector connects, covers them all, so a job costs Redis no SUBSCRIBE and
+  UNSUBSCRIBE pair and other producers' results never reach this one;
+* for any other task id (``client.job(id)``), ``watch`` queues a SUBSCRIBE;
 * once Redis confirms a subscription, a GET of the key catches a result that was
   stored before the subscription existed (the race every pub/sub client has);
 * after a reconnect (Redis restart), every pending key is subscribed again and
@@ -46,10 +50,12 @@ class ResultCollector:
         client: redis.Redis,
         decode: Decoder,
         *,
+        own_prefix: str,
         poll_s: float = 0.005,
         sweep_after_s: float = 1.0,
     ) -> None:
         self._client = client
+        self._own = RESULT_KEY_PREFIX + own_prefix
         self._decode = decode
         self._poll_s = poll_s
         self._sweep_after_s = sweep_after_s
@@ -60,7 +66,6 @@ class ResultCollector:
         self._pending: dict[str, tuple[Future[dict[str, Any]], float]] = {}
         self._subscribe: list[str] = []
         self._unsubscribe: list[str] = []
-        self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predictq-results", daemon=True)
         self._thread.start()
@@ -71,8 +76,8 @@ class ResultCollector:
         key = RESULT_KEY_PREFIX + task_id
         with self._lock:
             self._pending[key] = (future, time.monotonic())
-            self._subscribe.append(key)
-        self._wake.set()
+            if not key.startswith(self._own):
+                self._subscribe.append(key)
         return future
 
     def forget(self, task_id: str) -> None:
@@ -80,7 +85,7 @@ class ResultCollector:
         key = RESULT_KEY_PREFIX + task_id
         with self._lock:
             entry = self._pending.pop(key, None)
-            if entry is not None:
+            if entry is not None and not key.startswith(self._own):
                 self._unsubscribe.append(key)
         if entry is not None:
             entry[0].cancel()
@@ -93,7 +98,6 @@ class ResultCollector:
     def close(self) -> None:
         """Stop the collector; unresolved futures are cancelled."""
         self._closed.set()
-        self._wake.set()
         self._thread.join(5)
         with self._lock:
             entries, self._pending = list(self._pending.values()), {}
@@ -110,8 +114,9 @@ class ResultCollector:
                 with self._lock:
                     # (Re)subscribe everything pending: after a reconnect the new
                     # connection has no subscriptions.
-                    self._subscribe = list(self._pending)
+                    self._subscribe = [k for k in self._pending if not k.startswith(self._own)]
                     self._unsubscribe = []
+                pubsub.psubscribe(self._own + "*")
                 self._serve(pubsub)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 log.warning("result channel lost (%s); reconnecting in %.2fs", e, backoff_s)
@@ -138,12 +143,12 @@ class ResultCollector:
                 pubsub.subscribe(*subscribe)
             if unsubscribe:
                 pubsub.unsubscribe(*unsubscribe)
-            if not pubsub.subscribed and not subscribe and not unsubscribe:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
             confirmed: list[str] = []
-            message = pubsub.get_message(timeout=self._poll_s)
+            # Block longer while nothing is awaited: a new job of this client
+            # needs nothing from this loop, and a foreign watch waits at most
+            # 50 ms for its SUBSCRIBE.
+            idle = not self._pending
+            message = pubsub.get_message(timeout=0.05 if idle else self._poll_s)
             while message is not None:
                 self._handle(message, confirmed)
                 message = pubsub.get_message(timeout=0)
@@ -160,7 +165,11 @@ class ResultCollector:
         key = channel.decode() if isinstance(channel, bytes) else str(channel)
         if kind == "subscribe":
             confirmed.append(key)
-        elif kind == "message":
+        elif kind == "psubscribe":
+            # Results stored while this connection did not exist yet.
+            with self._lock:
+                confirmed.extend(k for k in self._pending if k.startswith(self._own))
+        elif kind in ("message", "pmessage"):
             self._resolve(key, message["data"])
 
     def _fetch(self, keys: list[str]) -> None:
@@ -190,7 +199,8 @@ class ResultCollector:
             entry = self._pending.pop(key, None)
             if entry is None:
                 return  # a duplicate (redelivered job) or a forgotten job
-            self._unsubscribe.append(key)
+            if not key.startswith(self._own):
+                self._unsubscribe.append(key)
         future = entry[0]
         if not future.cancelled():
             future.set_result(meta)

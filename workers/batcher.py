@@ -176,6 +176,8 @@ class Batcher:
         self._closed = False
         self._last_arrival: float | None = None
         self._gap_s: float | None = None  # moving average of inter-arrival gaps
+        self._payoff = 1.0  # moving average: did a wait on the arrival rate bring a job?
+        self._batches = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
@@ -297,15 +299,25 @@ class Batcher:
             batch, samples = [first], first.n
             if first.isolated:
                 return batch
+            self._batches += 1
+            # Trust the arrival rate only while waiting on it has been paying off
+            # (a lone client that waits for each result makes a steady stream
+            # that never brings a second job); probe now and then to re-learn.
+            trust_rate = self._payoff >= 0.3 or self._batches % 16 == 0
             wait_until = time.monotonic() + self._wait_s
             while samples < self._max:
                 samples = self._take_compatible(batch, samples)
                 now = time.monotonic()
                 since_last = now - (self._last_arrival or now)
-                wait_s = wait_for_more_s(self._incoming, self._gap_s, since_last, wait_until - now)
+                gap_s = self._gap_s if trust_rate else None
+                wait_s = wait_for_more_s(self._incoming, gap_s, since_last, wait_until - now)
                 if samples >= self._max or wait_s <= 0:
                     break
+                on_rate_alone = self._incoming == 0
                 self._cond.wait(wait_s)
+                if on_rate_alone:
+                    paid = 1.0 if self._queue else 0.0
+                    self._payoff = 0.8 * self._payoff + 0.2 * paid
             return batch
 
     def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
