@@ -46,6 +46,10 @@ def cli(debug: bool) -> None:
     """
 
 
+#: The Celery command line for predictq's worker app, run by this interpreter.
+_CELERY = (sys.executable, "-m", "celery", "-A", "workers")
+
+
 def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -91,11 +95,7 @@ def worker(
     if not settings.model_path:
         raise click.UsageError("no model: pass --model or set PREDICTQ_MODEL_PATH")
     argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
+        *_CELERY,
         "worker",
         "--pool",
         pool,
@@ -123,11 +123,7 @@ def flower(port: int | None, flower_args: tuple[str, ...]) -> None:
     """Run Flower against the predictq queue, with basic auth from PREDICTQ_FLOWER_BASIC_AUTH."""
     settings = Settings.from_env()
     argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
+        *_CELERY,
         "flower",
         f"--port={port or settings.flower_port}",
     ]

@@ -26,7 +26,8 @@ from predictq.errors import (
     WorkerLost,
 )
 from predictq.settings import Settings
-from producer.client import Job, PredictionClient
+from producer.client import PredictionClient
+from producer.job import Job
 
 __all__ = [
     "BrokerUnavailable",

@@ -18,7 +18,8 @@ from predictq.errors import InvalidInput, PredictqError
 from producer import wire
 
 if TYPE_CHECKING:
-    from producer.client import Job, PredictionClient
+    from producer.client import PredictionClient
+    from producer.job import Job
 
 Array = np.ndarray[Any, Any]
 

@@ -11,15 +11,12 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
-from celery.exceptions import TaskRevokedError, WorkerLostError
 from kombu.exceptions import OperationalError
 
 from predictq import codec, payloads
@@ -27,27 +24,21 @@ from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
     BrokerUnavailable,
-    DeadlineExceeded,
-    InvalidInput,
-    PredictionError,
     PredictqError,
     QueueFull,
-    ResultTimeout,
     TooManyInFlight,
-    WorkerLost,
 )
 from predictq.redis_client import client_from_url, queue_keys
 from predictq.settings import Settings, mask_url
 from producer import wire
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
+from producer.job import Job, check_timeout
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 
 log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
-#: Longest accepted deadline or timeout: anything larger is a unit mistake.
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class _ProducerBackend(RedisBackend):  # type: ignore[misc]
@@ -72,86 +63,6 @@ class _ProducerApp(Celery):  # type: ignore[misc]
     # `_get_backend`); passing `backend=` to the constructor would only set the
     # `result_backend` setting, which the configuration then overrides.
     backend_cls = _ProducerBackend
-
-
-def check_timeout(name: str, value: float | None) -> float | None:
-    """Refuse negative, zero, NaN or absurd (> 1 week) timeouts with a typed error."""
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or not (0 < value <= MAX_TIMEOUT_S):
-        raise InvalidInput(
-            f"{name}: expected seconds in (0, {MAX_TIMEOUT_S:.0f}], received {value!r}"
-        )
-    return float(value)
-
-
-class Job:
-    """A submitted prediction: wait for it with ``get``."""
-
-    def __init__(
-        self,
-        client: PredictionClient,
-        job_id: str,
-        future: Future[dict[str, Any]],
-        rows: slice | None = None,
-    ) -> None:
-        self.id = job_id
-        #: For jobs from ``submit_many``: the rows of the input this job covers.
-        self.rows = rows
-        self._client = client
-        self._future = future
-
-    def done(self) -> bool:
-        """Whether the result (or error) has arrived."""
-        return self._future.done()
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The prediction (np.ndarray, or list/dict of arrays), or the job's typed error.
-
-        Raises ``ResultTimeout`` if nothing arrived within ``timeout`` seconds
-        (default ``PREDICTQ_RESULT_TIMEOUT_S``); the job may still finish later.
-        """
-        return wire.writable(self.raw_result(timeout))
-
-    def raw_result(self, timeout: float | None = None) -> Any:
-        """Like ``get``, but the arrays are read-only views of the received message."""
-        wait_s = check_timeout("timeout", timeout) or self._client.settings.result_timeout_s
-        try:
-            meta = self._future.result(wait_s)
-        except FutureTimeout as e:
-            raise ResultTimeout(f"job {self.id}: no result within {wait_s:g}s") from e
-        except CancelledError as e:
-            raise ResultTimeout(
-                f"job {self.id}: stopped waiting (forgotten or client closed)"
-            ) from e
-        return _outcome(self.id, meta)
-
-    def forget(self) -> None:
-        """Stop waiting for this job and free its in-flight slot."""
-        self._client._collector.forget(self.id)
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"<Job {self.id} {state}>"
-
-
-def _outcome(job_id: str, meta: dict[str, Any]) -> Any:
-    status, result = meta.get("status"), meta.get("result")
-    if status == "SUCCESS":
-        return result
-    if isinstance(result, PredictqError):
-        raise result
-    if isinstance(result, TaskRevokedError):
-        if "expired" in str(result):
-            raise DeadlineExceeded(
-                f"job {job_id}: its deadline passed while it was queued"
-            ) from result
-        raise PredictionError(f"job {job_id} was revoked: {result}") from result
-    if isinstance(result, WorkerLostError):
-        raise WorkerLost(f"job {job_id}: {result}") from result
-    if isinstance(result, BaseException):
-        raise PredictionError(f"job {job_id} failed: {type(result).__name__}: {result}") from result
-    raise PredictionError(f"job {job_id} ended in state {status}: {result!r}")
 
 
 class PredictionClient:
@@ -245,7 +156,16 @@ class PredictionClient:
         self._unfinished[job_id] = (normalized, expires, task)
         self._recovery.track(job_id)
         future.add_done_callback(lambda _f: self._finished(job_id))
-        return Job(self, job_id, future, rows)
+        return self._job(job_id, future, rows)
+
+    def _job(self, job_id: str, future: Any, rows: slice | None = None) -> Job:
+        return Job(
+            job_id,
+            future,
+            default_timeout_s=self.settings.result_timeout_s,
+            forget=self._collector.forget,
+            rows=rows,
+        )
 
     def _finished(self, job_id: str) -> None:
         self._unfinished.pop(job_id, None)
@@ -304,8 +224,7 @@ class PredictionClient:
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted elsewhere (another process, an earlier run)."""
-        future = self._collector.watch(job_id)
-        return Job(self, job_id, future)
+        return self._job(job_id, self._collector.watch(job_id))
 
     # --- queue -----------------------------------------------------------------
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, ModelNotReady, PredictionError
-from workers.batcher import Batcher, BatchStats, wait_for_more_s
+from workers.arrivals import wait_for_more_s
+from workers.batcher import Batcher, BatchStats
 
 Array = np.ndarray[Any, Any]
 
@@ -216,7 +217,12 @@ def test_isolated_requests_run_alone_and_before_run_can_refuse_them(make: Any) -
     assert model.entered.wait(5)
     normal = [batcher.submit([rows(i, 1)]) for i in range(4)]
     calls: list[str] = []
-    alone = batcher.submit([rows(9, 3)], isolated=True, before_run=lambda: calls.append("ran"))
+    alone = batcher.submit(
+        [rows(9, 3)],
+        isolated=True,
+        before_run=lambda: calls.append("ran"),
+        after_run=lambda: calls.append("survived"),
+    )
 
     def refuse() -> None:
         raise ModelNotReady("refused by hook")
@@ -229,7 +235,7 @@ def test_isolated_requests_run_alone_and_before_run_can_refuse_them(make: Any) -
     assert np.array_equal(alone.result(5)[0], rows(9, 3) * 2)
     with pytest.raises(ModelNotReady, match="refused by hook"):
         refused.result(5)
-    assert calls == ["ran"]
+    assert calls == ["ran", "survived"]
     assert model.batches == [1, 4, 3]
 
 

@@ -20,13 +20,9 @@ Invariants (each has a test in tests/test_batcher.py):
 * A request larger than ``max_batch_size`` is split into device-sized pieces
   that are reassembled in order.
 
-The wait for more jobs ends early when no job is expected: waiting only pays
-when another job is about to arrive, so an idle worker adds no latency while a
-busy one fills its batches. A job is expected when one is announced (a task is
-validating its input, see ``announce``) or when recent jobs arrived closer
-together than the time left to wait (an average of inter-arrival gaps). On a
-CPU, one device call costs about the same for 1 or 8 samples, so under load
-this turns N calls into one.
+The wait for more jobs ends as soon as none is expected (none announced, and no
+steady stream whose waits pay off: workers/arrivals.py), so an idle worker adds
+no latency while a busy one fills its batches.
 """
 
 from __future__ import annotations
@@ -50,6 +46,7 @@ from predictq.errors import (
     PredictionError,
     PredictqError,
 )
+from workers.arrivals import ArrivalTracker
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +72,13 @@ class _Request:
         n: int,
         deadline: float | None,
         before_run: Callable[[], None] | None,
+        after_run: Callable[[], None] | None,
     ) -> None:
         self.future: Future[list[Array]] = Future()
         self.n = n
         self.deadline = deadline
         self.before_run = before_run
+        self.after_run = after_run
         self.submitted_at = time.monotonic()
         self._parts: dict[int, list[Array]] = {}
         self._received = 0
@@ -90,6 +89,13 @@ class _Request:
         self._parts[offset] = outputs
         self._received += outputs[0].shape[0]
         if self._received == self.n:
+            if self.after_run is not None:
+                # On the device thread, before it starts the next batch.
+                try:
+                    self.after_run()
+                except Exception as e:
+                    self.fail(e)
+                    return
             ordered = [self._parts[k] for k in sorted(self._parts)]
             if len(ordered) == 1:
                 self.future.set_result(ordered[0])
@@ -128,25 +134,6 @@ class _Piece:
         )
 
 
-def wait_for_more_s(
-    incoming: int, gap_s: float | None, since_last_s: float, remaining_s: float
-) -> float:
-    """How long to wait for another job before running the batch (0: run now).
-
-    Wait while a job is announced. Otherwise wait only for the next job of a
-    steady stream: not when it is expected after the ``batch_wait_ms`` budget
-    (``remaining_s``) runs out, and no longer once it is overdue by a whole
-    average gap (the stream stopped).
-    """
-    if remaining_s <= 0:
-        return 0.0
-    if incoming > 0:
-        return remaining_s
-    if gap_s is None or gap_s - since_last_s > remaining_s:
-        return 0.0
-    return max(0.0, min(remaining_s, 2 * gap_s - since_last_s))
-
-
 class Batcher:
     """Runs ``run`` on batches of concurrently submitted requests, on one thread."""
 
@@ -174,10 +161,7 @@ class Batcher:
         self._queue: deque[_Piece] = deque()
         self._incoming = 0
         self._closed = False
-        self._last_arrival: float | None = None
-        self._gap_s: float | None = None  # moving average of inter-arrival gaps
-        self._payoff = 1.0  # moving average: did a wait on the arrival rate bring a job?
-        self._batches = 0
+        self._arrivals = ArrivalTracker()  # guarded by _cond too
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
@@ -212,6 +196,7 @@ class Batcher:
         deadline: float | None = None,
         isolated: bool = False,
         before_run: Callable[[], None] | None = None,
+        after_run: Callable[[], None] | None = None,
     ) -> Future[list[Array]]:
         """Queue one request; the future holds its outputs (one array per model output).
 
@@ -219,11 +204,13 @@ class Batcher:
         dropped with ``DeadlineExceeded`` instead of run. ``isolated`` requests run
         in batches of their own. ``before_run`` is called on the device thread
         right before the request's first device call; if it raises, the request
-        fails with that error and is not run.
+        fails with that error and is not run. ``after_run`` is called on the
+        device thread once all the request's device calls returned, before the
+        next batch starts; if it raises, the request fails with that error.
         """
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
-        request = _Request(n, deadline, before_run)
+        request = _Request(n, deadline, before_run, after_run)
         pieces = [
             _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
             for start in range(0, n, self._max)
@@ -231,16 +218,10 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise ModelNotReady("the worker is shutting down and takes no new jobs")
-            self._note_arrival(request.submitted_at)
+            self._arrivals.arrived(request.submitted_at)
             self._queue.extend(pieces)
             self._cond.notify_all()
         return request.future
-
-    def _note_arrival(self, now: float) -> None:
-        if self._last_arrival is not None:
-            gap = now - self._last_arrival
-            self._gap_s = gap if self._gap_s is None else 0.8 * self._gap_s + 0.2 * gap
-        self._last_arrival = now
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Stop taking requests, finish the queued ones, join the device thread.
@@ -299,25 +280,18 @@ class Batcher:
             batch, samples = [first], first.n
             if first.isolated:
                 return batch
-            self._batches += 1
-            # Trust the arrival rate only while waiting on it has been paying off
-            # (a lone client that waits for each result makes a steady stream
-            # that never brings a second job); probe now and then to re-learn.
-            trust_rate = self._payoff >= 0.3 or self._batches % 16 == 0
+            self._arrivals.new_batch()
             wait_until = time.monotonic() + self._wait_s
             while samples < self._max:
                 samples = self._take_compatible(batch, samples)
                 now = time.monotonic()
-                since_last = now - (self._last_arrival or now)
-                gap_s = self._gap_s if trust_rate else None
-                wait_s = wait_for_more_s(self._incoming, gap_s, since_last, wait_until - now)
+                wait_s = self._arrivals.wait_s(self._incoming, now, wait_until - now)
                 if samples >= self._max or wait_s <= 0:
                     break
                 on_rate_alone = self._incoming == 0
                 self._cond.wait(wait_s)
                 if on_rate_alone:
-                    paid = 1.0 if self._queue else 0.0
-                    self._payoff = 0.8 * self._payoff + 0.2 * paid
+                    self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
 
     def _take_compatible(self, batch: list[_Piece], samples: int) -> int:

@@ -54,6 +54,20 @@ def message_error(message: Any, exc: BaseException) -> PredictqError:
 class PredictqConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, plus a stored failure result for refused messages."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # kombu 5.7 (Redis transport): after a reconnect, a job that finishes
+        # acknowledges through its message's old channel, whose transport lost
+        # its client, and kombu raises AttributeError ('NoneType' object has no
+        # attribute 'hostname') instead of a connection error. Celery lets only
+        # connection errors through `ack_log_error` ("Couldn't ack", the message
+        # is redelivered after the visibility timeout) and treats anything else
+        # as unrecoverable: the worker would exit whenever Redis restarts under
+        # load. Counting AttributeError as a connection error makes both the ack
+        # and the consumer's restart loop take the recoverable path.
+        known: tuple[type[BaseException], ...] = tuple(self.conninfo.connection_errors)
+        self.connection_errors = (*known, AttributeError)
+
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
         try:
             super().on_connection_error_after_connected(exc)

@@ -9,8 +9,10 @@ it reaches, forever. Redis does not count deliveries, so predictq does, in
 An attempt is counted on the device thread right before the job's device call,
 and redelivered jobs run in batches of their own. So a job that was merely
 queued or batched next to a poison job when the process died is not blamed: its
-count grows only when it actually runs, alone. The first attempt is never
-counted (it was not known to be special), hence ``1 + count``.
+count grows only when it actually runs, alone, and is cleared as soon as its
+device call returns (it survived, so it is not the one killing workers). The
+first attempt is never counted (it was not known to be special), hence
+``1 + count``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ class DeliveryTracker:
         attempts = 1 + int(raw or 0)
         if attempts >= self._max:
             raise self._error(task_id, attempts)
+
+    def survived(self, task_id: str) -> None:
+        """The job's device call returned: whatever kills workers, it is not this job."""
+        _patiently(lambda: self._client.delete(self._key(task_id)))
 
     def count_attempt(self, task_id: str) -> None:
         """Record one more attempt; raise PoisonJob if it would exceed the limit."""

@@ -84,6 +84,9 @@ class Runtime:
                     deadline=job.deadline,
                     isolated=True,
                     before_run=lambda: self.deliveries.count_attempt(job.task_id),
+                    # Cleared before the device thread runs anything else: if
+                    # the next batch kills the process, this job is not blamed.
+                    after_run=lambda: self.deliveries.survived(job.task_id),
                 )
             else:
                 future = self.batcher.submit(arrays, deadline=job.deadline)

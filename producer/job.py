@@ -1,0 +1,106 @@
+"""A submitted job: its result (an array, or the job's typed error) arrives later."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from celery.exceptions import TaskRevokedError, WorkerLostError
+
+from predictq.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    PredictionError,
+    PredictqError,
+    ResultTimeout,
+    WorkerLost,
+)
+from producer import wire
+
+#: Longest accepted deadline or timeout: anything larger is a unit mistake.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def check_timeout(name: str, value: float | None) -> float | None:
+    """Refuse negative, zero, NaN or absurd (> 1 week) timeouts with a typed error."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not (0 < value <= MAX_TIMEOUT_S):
+        raise InvalidInput(
+            f"{name}: expected seconds in (0, {MAX_TIMEOUT_S:.0f}], received {value!r}"
+        )
+    return float(value)
+
+
+class Job:
+    """A submitted prediction: wait for it with ``get``."""
+
+    def __init__(
+        self,
+        job_id: str,
+        future: Future[dict[str, Any]],
+        *,
+        default_timeout_s: float,
+        forget: Callable[[str], None],
+        rows: slice | None = None,
+    ) -> None:
+        self.id = job_id
+        #: For jobs from ``submit_many``: the rows of the input this job covers.
+        self.rows = rows
+        self._future = future
+        self._default_timeout_s = default_timeout_s
+        self._forget = forget
+
+    def done(self) -> bool:
+        """Whether the result (or error) has arrived."""
+        return self._future.done()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The prediction (np.ndarray, or list/dict of arrays), or the job's typed error.
+
+        Raises ``ResultTimeout`` if nothing arrived within ``timeout`` seconds
+        (default ``PREDICTQ_RESULT_TIMEOUT_S``); the job may still finish later.
+        """
+        return wire.writable(self.raw_result(timeout))
+
+    def raw_result(self, timeout: float | None = None) -> Any:
+        """Like ``get``, but the arrays are read-only views of the received message."""
+        wait_s = check_timeout("timeout", timeout) or self._default_timeout_s
+        try:
+            meta = self._future.result(wait_s)
+        except FutureTimeout as e:
+            raise ResultTimeout(f"job {self.id}: no result within {wait_s:g}s") from e
+        except CancelledError as e:
+            raise ResultTimeout(
+                f"job {self.id}: stopped waiting (forgotten or client closed)"
+            ) from e
+        return _outcome(self.id, meta)
+
+    def forget(self) -> None:
+        """Stop waiting for this job and free its in-flight slot."""
+        self._forget(self.id)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<Job {self.id} {state}>"
+
+
+def _outcome(job_id: str, meta: dict[str, Any]) -> Any:
+    status, result = meta.get("status"), meta.get("result")
+    if status == "SUCCESS":
+        return result
+    if isinstance(result, PredictqError):
+        raise result
+    if isinstance(result, TaskRevokedError):
+        if "expired" in str(result):
+            raise DeadlineExceeded(
+                f"job {job_id}: its deadline passed while it was queued"
+            ) from result
+        raise PredictionError(f"job {job_id} was revoked: {result}") from result
+    if isinstance(result, WorkerLostError):
+        raise WorkerLost(f"job {job_id}: {result}") from result
+    if isinstance(result, BaseException):
+        raise PredictionError(f"job {job_id} failed: {type(result).__name__}: {result}") from result
+    raise PredictionError(f"job {job_id} ended in state {status}: {result!r}")
