@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import procs
 from bench.models import BenchModel, build
-from bench.scenarios import Result, bulk, closed_loop, raw
+from bench.scenarios import Result, bulk, closed_loop, interleaved, raw
 from predictq.celeryconf import NOOP_TASK
 from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
 from predictq.redis_server import RedisServer
@@ -90,38 +90,29 @@ def run_model(
                 client._submit(x[i : i + 1], deadline_s=None, rows=None, task=NOOP_TASK).get()
                 return expected[i : i + 1]  # nothing to check: the task returns None
 
-            closed_loop(m.name, "warm-up", predict_one, expected, jobs=200, threads=8)
-            # The per-message ceiling, measured right before this model's storm
-            # on the same worker (same settings, same minute of machine noise).
+            closed_loop(m.name, "warm-up", predict_one, expected, jobs=100, threads=8)
+            # The per-message ceiling and the storm, interleaved in rounds on
+            # the same worker, so both see the same minutes of machine noise
+            # (back-to-back runs of either vary by +-20% on a shared 2-core box).
             worker.reset_peak()
-            r = closed_loop(
+            noop, storm = interleaved(
                 m.name,
-                "noop (predictq client)",
                 noop_one,
+                predict_one,
                 expected,
-                jobs=args.storm_jobs,
+                rounds=4,
+                noop_jobs=args.noop_jobs,
+                storm_jobs=args.storm_jobs,
                 threads=args.threads,
-                time_box_s=args.noop_s,
             )
-            r.peak_rss_mb = worker.peak_rss_mb
-            results.append(r)
+            noop.peak_rss_mb = storm.peak_rss_mb = worker.peak_rss_mb
+            results += [noop, storm]
             if not noop_done:
                 results.append(_celery_noop(broker, backend, queue, x, expected, args))
                 idle_noop = closed_loop(
                     "-", "noop idle latency", noop_one, expected, jobs=args.idle_jobs, threads=1
                 )
                 results.append(idle_noop)
-            worker.reset_peak()
-            storm = closed_loop(
-                m.name,
-                "predictq storm",
-                predict_one,
-                expected,
-                jobs=args.storm_jobs,
-                threads=args.threads,
-            )
-            storm.peak_rss_mb = worker.peak_rss_mb
-            results.append(storm)
             results.append(
                 closed_loop(
                     m.name,
@@ -288,9 +279,10 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,mobilenetv2")
     args = parser.parse_args()
     args.storm_jobs = 1000 if args.quick else 10_000
-    args.idle_jobs = 50 if args.quick else 200
-    args.noop_s = 5.0 if args.quick else 10.0
-    args.naive_s = 5.0 if args.quick else 8.0
+    args.idle_jobs = 50 if args.quick else 150
+    args.noop_jobs = 400 if args.quick else 3000
+    args.noop_s = 5.0 if args.quick else 8.0
+    args.naive_s = 5.0 if args.quick else 6.0
     started = time.time()
     results: list[Result] = []
     extras: dict[str, dict[str, float]] = {}

@@ -170,6 +170,54 @@ def closed_loop(
     )
 
 
+def interleaved(
+    name: str,
+    noop: Callable[[int], Any],
+    storm: Callable[[int], Any],
+    expected: Array,
+    *,
+    rounds: int,
+    noop_jobs: int,
+    storm_jobs: int,
+    threads: int,
+) -> tuple[Result, Result]:
+    """The no-op and the storm in alternating rounds; each result sums its rounds."""
+    totals: dict[str, Result] = {}
+    for k in range(rounds):
+        for label, call, jobs in (
+            ("noop (predictq client)", noop, noop_jobs),
+            ("predictq storm", storm, storm_jobs),
+        ):
+            per_round = jobs // rounds
+            base = k * per_round
+            r = closed_loop(
+                name,
+                label,
+                lambda i, c=call, b=base: c(b + i),
+                expected[base:],
+                jobs=per_round,
+                threads=threads,
+            )
+            t = totals.setdefault(
+                label,
+                Result(
+                    label,
+                    name,
+                    0,
+                    0,
+                    0.0,
+                    note=f"{threads} producer threads, {rounds} interleaved rounds",
+                ),
+            )
+            t.jobs += r.jobs
+            t.samples += r.samples
+            t.seconds += r.seconds
+            t.errors += r.errors
+            t.max_abs_err = max(t.max_abs_err, r.max_abs_err)
+            t.latencies_ms += r.latencies_ms
+    return totals["noop (predictq client)"], totals["predictq storm"]
+
+
 def bulk(
     name: str, predict_many: Callable[[Array], Array], x: Array, expected: Array, note: str
 ) -> Result:
