@@ -81,9 +81,8 @@ def _context(request: Any) -> JobContext:
         when = maybe_make_aware(maybe_iso8601(expires))
         remaining_s = when.timestamp() - time.time()
         deadline = time.monotonic() + remaining_s
-    sent_at = (request.headers or {}).get(SENT_AT_HEADER) if request.headers else None
-    if sent_at is None:
-        sent_at = getattr(request, SENT_AT_HEADER, None)
+    # Protocol-2 message headers become attributes of the request context.
+    sent_at = getattr(request, SENT_AT_HEADER, None)
     if isinstance(sent_at, int | float):
         metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - sent_at))
     return JobContext(
