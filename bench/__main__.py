@@ -280,7 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     args.storm_jobs = 1000 if args.quick else 10_000
     args.idle_jobs = 50 if args.quick else 150
-    args.noop_jobs = 400 if args.quick else 3000
+    args.noop_jobs = 400 if args.quick else 2000
     args.noop_s = 5.0 if args.quick else 8.0
     args.naive_s = 5.0 if args.quick else 6.0
     started = time.time()
