@@ -228,14 +228,19 @@ def test_flower_lists_the_running_worker_to_an_authenticated_user(flower: Flower
     assert len(names) == 1
 
 
-def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: PredictionClient) -> None:
-    # Task events reach Flower only once its event receiver runs: it has, when it
-    # has heard the worker's own (heartbeat) events.
+def wait_until_flower_hears_the_worker(flower: Flower) -> None:
+    """Task events reach Flower only once its event receiver runs: it has, when it
+    has heard the worker's own (heartbeat) events."""
+
     def worker_heard() -> bool:
         alive: dict[str, bool] = flower.get("/api/workers?status=1")
         return any(name.startswith("mlp@") and up for name, up in alive.items())
 
     wait_for(worker_heard, 60, "Flower to receive the mlp worker's events", flower.log)
+
+
+def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: PredictionClient) -> None:
+    wait_until_flower_hears_the_worker(flower)
     jobs = [client.submit(np.full((2, F), i, np.float32)) for i in range(4)]
     for job in jobs:
         assert job.get(timeout=60).shape == (2, 4)
@@ -251,7 +256,13 @@ def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: Predic
     assert {t["name"] for t in seen.values()} == {"predictq.predict"}
 
 
-def test_flower_serves_prometheus_metrics_which_its_version_leaves_open(flower: Flower) -> None:
+def test_flower_serves_prometheus_metrics_which_its_version_leaves_open(
+    flower: Flower, client: PredictionClient
+) -> None:
+    wait_until_flower_hears_the_worker(flower)
+    for job in [client.submit(np.full((1, F), 0.5, np.float32)) for _ in range(3)]:
+        job.get(timeout=60)
+
     def events_counted() -> str | None:
         status, body = http_get(flower.url + "/metrics", f"{FLOWER_USER}:{FLOWER_PASSWORD}")
         assert status == 200, body
