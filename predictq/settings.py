@@ -9,7 +9,9 @@ the variable and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args
@@ -152,8 +154,19 @@ class Settings:
         self._validate()
 
     def _validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                # inf/nan would pass every ">= x" check below and blow up later,
+                # deep inside a thread (e.g. Condition.wait(inf) -> OverflowError).
+                _require(math.isfinite(value), f.name, value, "a finite number")
         _require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "integer >= 1")
-        _require(self.batch_wait_ms >= 0, "batch_wait_ms", self.batch_wait_ms, "number >= 0")
+        _require(
+            0 <= self.batch_wait_ms <= 10_000,
+            "batch_wait_ms",
+            self.batch_wait_ms,
+            "milliseconds between 0 and 10000",
+        )
         _require(
             self.worker_concurrency >= 1,
             "worker_concurrency",
@@ -183,7 +196,8 @@ class Settings:
             "seconds >= 1",
         )
         _require(self.max_deliveries >= 1, "max_deliveries", self.max_deliveries, "integer >= 1")
-        _require(self.result_ttl_s > 0, "result_ttl_s", self.result_ttl_s, "seconds > 0")
+        # Celery stores the expiry as whole seconds, and 0 means "never expires".
+        _require(self.result_ttl_s >= 1, "result_ttl_s", self.result_ttl_s, "seconds >= 1")
         _require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", self.shutdown_timeout_s, "> 0")
         _require(
             self.submit_timeout_s >= 0, "submit_timeout_s", self.submit_timeout_s, "seconds >= 0"
@@ -267,6 +281,8 @@ def settings_help() -> list[tuple[str, str, str]]:
 
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (safe to log)."""
+    # redis-py also takes the password as a query parameter.
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
@@ -292,7 +308,7 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         return None
     parsers: dict[str, Callable[[str], Any]] = {
         "int": int,
-        "float": float,
+        "float": _parse_float,
         "bool": _parse_bool,
         "tuple[str, ...]": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     }
@@ -308,6 +324,13 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         return parser(raw)
     except ValueError as e:
         raise ConfigError(f"{name} must be {base}, got {raw!r}") from e
+
+
+def _parse_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
 
 
 def _parse_bool(raw: str) -> bool:

@@ -40,7 +40,14 @@ def test_values_are_parsed_from_predictq_variables() -> None:
     [
         ({"PREDICTQ_MAX_BATCH_SIZE": "0"}, "PREDICTQ_MAX_BATCH_SIZE must be integer >= 1, got 0"),
         ({"PREDICTQ_MAX_BATCH_SIZE": "many"}, "PREDICTQ_MAX_BATCH_SIZE must be int, got 'many'"),
-        ({"PREDICTQ_BATCH_WAIT_MS": "-1"}, "PREDICTQ_BATCH_WAIT_MS must be number >= 0, got -1"),
+        (
+            {"PREDICTQ_BATCH_WAIT_MS": "-1"},
+            "PREDICTQ_BATCH_WAIT_MS must be milliseconds between 0 and 10000, got -1",
+        ),
+        ({"PREDICTQ_BATCH_WAIT_MS": "inf"}, "PREDICTQ_BATCH_WAIT_MS must be float, got 'inf'"),
+        ({"PREDICTQ_SUBMIT_TIMEOUT_S": "nan"}, "PREDICTQ_SUBMIT_TIMEOUT_S must be float"),
+        ({"PREDICTQ_BATCH_WAIT_MS": "1e9"}, "PREDICTQ_BATCH_WAIT_MS must be milliseconds"),
+        ({"PREDICTQ_RESULT_TTL_S": "0.5"}, "PREDICTQ_RESULT_TTL_S must be seconds >= 1, got 0.5"),
         ({"PREDICTQ_ALLOW_NONFINITE": "maybe"}, "PREDICTQ_ALLOW_NONFINITE must be bool"),
         ({"PREDICTQ_DEVICE": "tpu"}, "PREDICTQ_DEVICE must be one of auto, cpu, gpu, got 'tpu'"),
         (
@@ -65,12 +72,17 @@ def test_settings_are_frozen_and_replace_revalidates() -> None:
     assert s.replace(max_batch_size=3).max_batch_size == 3
     with pytest.raises(ConfigError):
         s.replace(max_batch_size=0)
+    with pytest.raises(ConfigError, match="PREDICTQ_SHUTDOWN_TIMEOUT_S must be a finite number"):
+        s.replace(shutdown_timeout_s=float("inf"))
 
 
 def test_secrets_are_masked_wherever_settings_are_shown() -> None:
     assert mask_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("rediss://user:hunter2@h:6380/1?x=y") == "rediss://user:***@h:6380/1?x=y"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert mask_url("redis://h:6379/0?password=hunter2&db=1") == (
+        "redis://h:6379/0?password=***&db=1"
+    )
     s = Settings.from_env(
         {
             "PREDICTQ_BROKER_URL": "redis://:hunter2@h/0",

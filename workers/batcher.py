@@ -144,6 +144,7 @@ class Batcher:
         max_batch_size: int,
         batch_wait_ms: float,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_crash: Callable[[BaseException], None] | None = None,
         name: str = "predictq-device",
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -154,6 +155,7 @@ class Batcher:
         self._max = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
         self._on_batch = on_batch
+        self._on_crash = on_crash
         # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
         # _queue only while not _closed, and leaves it only on the device
         # thread, so after close() + join() nothing can be left pending.
@@ -261,6 +263,8 @@ class Batcher:
             with self._cond:
                 self._closed = True
             self._fail_queued(error)
+            if self._on_crash is not None:
+                self._on_crash(e)
 
     def _fail_queued(self, error: BaseException) -> None:
         with self._cond:

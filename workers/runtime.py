@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,15 +47,23 @@ class JobContext:
 class Runtime:
     """A loaded model serving predictions through one batcher."""
 
-    def __init__(self, settings: Settings, model: LoadedModel, device: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model: LoadedModel,
+        device: str,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.model = model
         self.device = device
+        self._on_fatal = on_fatal
         self.batcher = Batcher(
             model,
             max_batch_size=settings.max_batch_size,
             batch_wait_ms=settings.batch_wait_ms,
             on_batch=metrics.record_batch,
+            on_crash=self._device_thread_died,
         )
         redis_client = client_from_url(settings.result_backend)
         self.broker = client_from_url(settings.broker_url)
@@ -92,6 +101,16 @@ class Runtime:
                 future = self.batcher.submit(arrays, deadline=job.deadline)
         return spec.structure_outputs(future.result())
 
+    def _device_thread_died(self, error: BaseException) -> None:
+        # No device thread, no predictions: stop counting as ready at once,
+        # then let the worker stop (workers/fatal.py) instead of requeueing
+        # every job it receives from now on.
+        metrics.MODEL_READY.set(0)
+        if self.readiness is not None:
+            self.readiness.close()
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
     def _resolve(self, raw: object) -> object:
         """The job's input, read from Redis when it travelled by reference."""
         key = payloads.referenced_key(raw)
@@ -124,8 +143,19 @@ class _Process:
 _process = _Process()
 
 
-def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 0) -> Runtime:
-    """Load the model for this process (once) and start serving it."""
+def start_runtime(
+    settings: Settings,
+    *,
+    nodename: str,
+    pool: str,
+    index: int = 0,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> Runtime:
+    """Load the model for this process (once) and start serving it.
+
+    ``on_fatal`` is called (on the device thread) if the process can no longer
+    serve, after its readiness record was withdrawn.
+    """
     with _process.lock:
         if _process.runtime is not None:
             return _process.runtime
@@ -141,7 +171,7 @@ def start_runtime(settings: Settings, *, nodename: str, pool: str, index: int = 
         # once and also fails fast if a full batch does not fit the device.
         model.warm_up(sorted({1, settings.max_batch_size}))
         warm_s = time.monotonic() - started
-        runtime = Runtime(settings, model, device.kind)
+        runtime = Runtime(settings, model, device.kind, on_fatal)
         runtime.batcher.start()
         metrics.record_model(model.spec, warm_s, device.kind)
         metrics_port = None

@@ -10,6 +10,9 @@
 
 Shutdown is the reverse: ``worker_shutdown`` (after the pool stopped, so every
 running job has its result) or ``worker_process_shutdown`` for prefork children.
+A process that cannot load its model, or whose device thread died, stops the
+worker with a non-zero exit code rather than requeueing jobs forever
+(workers/fatal.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from celery.concurrency.thread import TaskPool as ThreadsPool
 
 from predictq.errors import ConfigError
 from predictq.settings import mask_url
+from workers import fatal
 from workers.app import export_flower_options, worker_settings
 from workers.runtime import start_runtime, stop_runtime
 
@@ -56,8 +60,12 @@ def _on_worker_init(sender: Any, **_: Any) -> None:
     # Celery sends worker_init before it sets up logging; without this, the
     # INFO lines of the model load below would be dropped.
     sender.setup_logging()
-    settings = worker_settings()
-    _Worker.pool = _pool_kind(sender.pool_cls)
+    fatal.prepare()
+    try:
+        settings = worker_settings()
+        _Worker.pool = _pool_kind(sender.pool_cls)
+    except ConfigError as e:
+        fatal.abort_start(e, prefork_child=False)
     log.info(
         "predictq worker %s: pool=%s broker=%s backend=%s model=%s",
         sender.hostname,
@@ -73,7 +81,7 @@ def _on_worker_init(sender: Any, **_: Any) -> None:
         logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
     if _Worker.pool == "threads":
-        start_runtime(settings, nodename=sender.hostname, pool="threads")
+        _start(settings, nodename=sender.hostname, index=0)
 
 
 def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
@@ -81,20 +89,44 @@ def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
 
     # prefork children are numbered from 1; the solo pool runs in process 0.
     index = getattr(current_process(), "index", 0) or 0
-    start_runtime(worker_settings(), nodename=str(sender), pool=_Worker.pool, index=index)
+    _start(worker_settings(), nodename=str(sender), index=index)
+
+
+def _start(settings: Any, *, nodename: str, index: int) -> None:
+    prefork_child = _Worker.pool == "prefork"
+    try:
+        start_runtime(
+            settings,
+            nodename=nodename,
+            pool=_Worker.pool,
+            index=index,
+            on_fatal=lambda e: fatal.stop_serving(e, prefork_child=prefork_child),
+        )
+    except Exception as e:
+        fatal.abort_start(e, prefork_child=prefork_child)
+
+
+def _on_worker_shutting_down(**_: Any) -> None:
+    # Sent by Celery's signal handler in the main process when a warm or cold
+    # shutdown begins; the threads pool would wait for a hung job forever.
+    fatal.start_shutdown_watchdog(worker_settings().shutdown_timeout_s)
 
 
 def _on_worker_process_shutdown(**_: Any) -> None:
     stop_runtime()
 
 
-def _on_worker_shutdown(**_: Any) -> None:
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     stop_runtime()
+    if fatal.exit_code() and sender is not None:
+        # Read by `celery worker` after start() returns: ctx.exit(worker.exitcode).
+        sender.exitcode = fatal.exit_code()
 
 
 # Connected explicitly (not as decorators) so the handlers keep their types.
 signals.user_preload_options.connect(_on_cli_start)
 signals.worker_init.connect(_on_worker_init)
 signals.worker_process_init.connect(_on_worker_process_init)
+signals.worker_shutting_down.connect(_on_worker_shutting_down)
 signals.worker_process_shutdown.connect(_on_worker_process_shutdown)
 signals.worker_shutdown.connect(_on_worker_shutdown)

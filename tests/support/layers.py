@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -52,3 +54,36 @@ class ExitOnPoison(keras.layers.Layer):  # type: ignore[misc]
         out = tf.py_function(_exit_if_poisoned, [x], tf.float32)
         out.set_shape(x.shape)
         return out
+
+
+#: A sample whose first feature equals this blocks the device while the gate file exists.
+HANG = 555.0
+
+
+def _hang_while_gated(x: Any, gate: Any) -> Any:
+    if bool(tf.reduce_any(tf.equal(x[:, 0], HANG))):
+        path = gate.numpy().decode()
+        Path(path + ".started").touch()
+        while os.path.exists(path):  # a device call that never returns, until released
+            time.sleep(0.05)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="predictq_tests")
+class HangOnMarker(keras.layers.Layer):  # type: ignore[misc]
+    """Identity, except that a sample starting with HANG blocks while ``gate`` exists.
+
+    It touches ``gate + ".started"`` first, so a test knows the call is under way.
+    """
+
+    def __init__(self, gate: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def call(self, x: Any) -> Any:
+        out = tf.py_function(_hang_while_gated, [x, tf.constant(self.gate)], tf.float32)
+        out.set_shape(x.shape)
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "gate": self.gate}

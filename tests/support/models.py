@@ -80,6 +80,19 @@ def build_poison_model(path: str, *, features: int = FEATURES) -> str:
     return path
 
 
+def build_hang_model(path: str, *, gate: str, features: int = FEATURES) -> str:
+    """An MLP whose device call blocks on a HANG sample while the file ``gate`` exists."""
+    import keras
+
+    from tests.support.layers import HangOnMarker
+
+    inputs = keras.Input((features,), name="x")
+    gated = HangOnMarker(gate)(inputs)
+    outputs = keras.layers.Dense(2, name="y")(gated)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
 @functools.cache
 def _loaded(path: str) -> Any:
     import keras

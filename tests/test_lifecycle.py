@@ -1,0 +1,180 @@
+"""A worker that cannot serve stops, visibly, and hands its jobs on.
+
+A model that does not load, a device thread that dies, a device call that hangs
+through a shutdown: each must end the worker process with a non-zero exit code
+(not leave it requeueing jobs forever, or waiting forever), withdraw its
+readiness, and lose no job. Real redis-server and worker processes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from predictq.errors import PredictionError
+from predictq.readiness import read_records
+from predictq.redis_server import RedisServer
+from producer import Job, PredictionClient
+from tests.support import models
+from tests.support.crash import CRASH
+from tests.support.layers import HANG
+from tests.support.processes import ROOT, WorkerProcess, base_env, wait_for
+from workers.fatal import EX_CONFIG, EX_SOFTWARE
+
+F = models.FEATURES
+
+
+@pytest.fixture()
+def private_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
+    return WorkerProcess(
+        broker_url=server.url(0), result_backend=server.url(1), model_path=model_path, **kw
+    )
+
+
+def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
+    return PredictionClient(
+        broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=120, **kw
+    )
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, F), dtype=np.float32)
+
+
+def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
+    expected = models.reference(model_path, x.reshape(-1, F))
+    for i, job in enumerate(jobs):
+        assert np.allclose(job.get(timeout=120), expected[i : i + 1], atol=1e-5)
+
+
+def ready_records(server: RedisServer) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(server.url(1), socket_timeout=5)  # the result backend
+    try:
+        return read_records(client)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_model_that_cannot_load_stops_the_worker_and_its_jobs_wait_for_a_good_one(
+    private_redis: RedisServer, tmp_path: Path, mlp_path: str, pool: str
+) -> None:
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"this is not a Keras archive")
+    x = inputs(3)
+    with client_on(private_redis) as client:
+        jobs = [client.submit(x[i]) for i in range(3)]
+        bad = worker_on(private_redis, str(broken), pool=pool, concurrency=2, name="broken")
+        good = worker_on(private_redis, mlp_path, concurrency=4, name="good")
+        try:
+            bad.start()
+            assert bad.process is not None
+            # Before the fix this worker ran on, requeueing every job it took.
+            assert bad.process.wait(120) == EX_CONFIG
+            log = bad.log()
+            assert "worker cannot serve, stopping: ModelLoadError" in log
+            assert str(broken) in log
+            assert ready_records(private_redis) == []
+            assert client.queue_length() == 3, "a job was taken by a worker that cannot serve"
+            good.start().wait_ready()
+            assert_all_correct(jobs, x, mlp_path)
+        finally:
+            bad.stop()
+            good.stop()
+
+
+def test_plain_celery_worker_without_a_model_exits_with_one_clear_error(
+    private_redis: RedisServer,
+) -> None:
+    env = base_env(
+        PREDICTQ_BROKER_URL=private_redis.url(0), PREDICTQ_RESULT_BACKEND=private_redis.url(1)
+    )
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool", "threads"]
+    done = subprocess.run(
+        [*argv, "-c", "2", "--without-mingle", "--without-gossip"],
+        check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == EX_CONFIG, done.stdout + done.stderr
+    assert "PREDICTQ_MODEL_PATH must name the model to serve" in done.stdout + done.stderr
+
+
+def test_a_dead_device_thread_fails_its_job_withdraws_readiness_and_stops_the_worker(
+    private_redis: RedisServer, mlp_path: str
+) -> None:
+    env = {"PREDICTQ_MODEL_IMPORTS": "tests.support.crash", "PREDICTQ_VISIBILITY_TIMEOUT_S": "3"}
+    crashing = worker_on(private_redis, mlp_path, concurrency=4, name="crashing", env=env)
+    heir = worker_on(private_redis, mlp_path, concurrency=4, name="heir")
+    x = inputs(6, seed=1)
+    try:
+        crashing.start().wait_ready()
+        assert crashing.process is not None
+        assert len(ready_records(private_redis)) == 1
+        with client_on(private_redis, visibility_timeout_s=3) as client:
+            assert_all_correct([client.submit(x[0])], x[:1], mlp_path)
+            with pytest.raises(PredictionError, match="the device thread crashed"):
+                client.predict(np.full((1, F), CRASH, np.float32), timeout=60)
+            # Sent while the worker is stopping: it may take some, and must hand them back.
+            later = [client.submit(x[i]) for i in range(1, 6)]
+            assert crashing.process.wait(60) == EX_SOFTWARE
+            assert "worker process" in crashing.log() and "stops" in crashing.log()
+            assert ready_records(private_redis) == []
+            heir.start().wait_ready()
+            assert_all_correct(later, x[1:], mlp_path)
+    finally:
+        crashing.stop()
+        heir.stop()
+
+
+def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_redelivered(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
+    env = {
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+        "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
+    }
+    hung = worker_on(private_redis, path, concurrency=4, name="hung", env=env)
+    heir = worker_on(private_redis, path, concurrency=4, name="heir", env=env)
+    stuck = np.full((1, F), HANG, np.float32)
+    try:
+        hung.start().wait_ready()
+        assert hung.process is not None
+        with client_on(private_redis, visibility_timeout_s=3) as client:
+            job = client.submit(stuck)
+            wait_for(lambda: Path(f"{gate}.started").exists(), 60, "the device call to start")
+            signalled = time.monotonic()
+            hung.process.send_signal(signal.SIGTERM)
+            # Without the shutdown deadline this wait times out: Celery's threads
+            # pool waits for the running job forever.
+            assert hung.process.wait(60) == EX_SOFTWARE
+            assert time.monotonic() - signalled < 30
+            assert "shutdown did not finish within 3s" in hung.log()
+            gate.unlink()  # the device is "fixed": the redelivered job can run
+            heir.start().wait_ready()
+            assert np.allclose(job.get(timeout=120), models.reference(path, stuck), atol=1e-5)
+    finally:
+        gate.unlink(missing_ok=True)
+        hung.stop()
+        heir.stop()
