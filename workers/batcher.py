@@ -145,6 +145,7 @@ class Batcher:
         batch_wait_ms: float,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_crash: Callable[[BaseException], None] | None = None,
+        on_isolate: Callable[[int], None] | None = None,
         name: str = "predictq-device",
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -156,6 +157,7 @@ class Batcher:
         self._wait_s = batch_wait_ms / 1000.0
         self._on_batch = on_batch
         self._on_crash = on_crash
+        self._on_isolate = on_isolate
         # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
         # _queue only while not _closed, and leaves it only on the device
         # thread, so after close() + join() nothing can be left pending.
@@ -347,6 +349,8 @@ class Batcher:
         except Exception as e:
             if len(pieces) > 1:
                 # Retry alone so that only the job that causes the error fails.
+                if self._on_isolate is not None:
+                    self._on_isolate(len(pieces))
                 for piece in pieces:
                     if not piece.request.future.done():
                         self._execute([piece])

@@ -47,6 +47,10 @@ BATCH_SAMPLES: Final = Histogram(
 BATCH_REQUESTS: Final = Histogram(
     "predictq_batch_size_jobs", "Jobs (or job pieces) per device call.", buckets=_BATCH_BUCKETS
 )
+BATCHES_ISOLATED: Final = Counter(
+    "predictq_batches_isolated",
+    "Device calls that failed and were rerun job by job, so only the failing job fails.",
+)
 DEVICE_SECONDS: Final = Histogram(
     "predictq_device_seconds", "Time of one device call (one batch).", buckets=_LATENCY_BUCKETS_S
 )
@@ -74,6 +78,11 @@ def record_batch(stats: BatchStats) -> None:
     BATCH_REQUESTS.observe(stats.requests)
     DEVICE_SECONDS.observe(stats.device_s)
     BATCH_WAIT_SECONDS.observe(stats.oldest_wait_s)
+
+
+def record_isolation(_pieces: int) -> None:
+    """Batcher callback: a failed batch is rerun one job at a time."""
+    BATCHES_ISOLATED.inc()
 
 
 def record_model(spec: ModelSpec, load_s: float, device: str) -> None:

@@ -30,6 +30,25 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 
 
+def _op_error_text(error: BaseException, max_chars: int = 1000) -> str:
+    """The error's own text, without the Python traceback of where the op was traced.
+
+    TensorFlow prefixes graph errors with "Graph execution error: Detected at
+    node ... defined at (most recent call last):" and a stack of the *tracing*
+    call (here: the worker's start-up), which says nothing about the job and
+    would fill the caller's error message with kilobytes of file paths.
+    """
+    paragraphs = str(getattr(error, "message", None) or error).split("\n\n")
+    kept = [
+        p
+        for p in paragraphs
+        if p.strip() != "Graph execution error:"
+        and not p.startswith(("Detected at node", "  File "))
+    ]
+    text = " ".join(" ".join(kept).split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 class LoadedModel:
     """A model ready for inference: its spec and a compiled, batch-polymorphic call."""
 
@@ -45,9 +64,10 @@ class LoadedModel:
         try:
             outputs = self._fn(*inputs)
         except tf.errors.ResourceExhaustedError as e:
-            raise DeviceOutOfMemory(f"device out of memory: {e.message.splitlines()[0]}") from e
+            raise DeviceOutOfMemory(f"device out of memory: {_op_error_text(e)}") from e
         except (tf.errors.OpError, ValueError, TypeError) as e:
-            raise PredictionError(f"the model failed: {type(e).__name__}: {e}") from e
+            text = _op_error_text(e)
+            raise PredictionError(f"the model failed: {type(e).__name__}: {text}") from e
         return [np.asarray(o) for o in outputs]
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:

@@ -64,6 +64,7 @@ class Runtime:
             batch_wait_ms=settings.batch_wait_ms,
             on_batch=metrics.record_batch,
             on_crash=self._device_thread_died,
+            on_isolate=metrics.record_isolation,
         )
         redis_client = client_from_url(settings.result_backend)
         self.broker = client_from_url(settings.broker_url)

@@ -87,3 +87,23 @@ class HangOnMarker(keras.layers.Layer):  # type: ignore[misc]
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "gate": self.gate}
+
+
+#: A sample whose first feature equals this makes the device call raise.
+FAIL = 444.0
+#: A sample whose first feature equals this makes the call return one row too few.
+SHORT = 333.0
+
+
+@keras.saving.register_keras_serializable(package="predictq_tests")
+class MisbehaveOnMarker(keras.layers.Layer):  # type: ignore[misc]
+    """Identity, except for batches holding a FAIL sample (the call raises) or a
+    SHORT sample (the output loses its last row)."""
+
+    def call(self, x: Any) -> Any:
+        checked = tf.debugging.assert_none_equal(
+            x[:, 0], tf.constant(FAIL, x.dtype), message="a FAIL sample"
+        )
+        with tf.control_dependencies([checked]):
+            short = tf.reduce_any(tf.equal(x[:, 0], SHORT))
+            return tf.cond(short, lambda: x[:-1], lambda: tf.identity(x))

@@ -93,6 +93,19 @@ def build_hang_model(path: str, *, gate: str, features: int = FEATURES) -> str:
     return path
 
 
+def build_misbehaving_model(path: str, *, features: int = FEATURES) -> str:
+    """An MLP whose device call fails on FAIL samples and drops a row on SHORT ones."""
+    import keras
+
+    from tests.support.layers import MisbehaveOnMarker
+
+    inputs = keras.Input((features,), name="x")
+    checked = MisbehaveOnMarker()(inputs)
+    outputs = keras.layers.Dense(3, name="y")(checked)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
 @functools.cache
 def _loaded(path: str) -> Any:
     import keras

@@ -1,0 +1,131 @@
+"""The batcher's invariants, shown by a real threads-pool worker and a real model.
+
+tests/test_batcher.py proves each invariant on the batcher alone, with fakes;
+here a worker process runs a Keras model that misbehaves on marked samples.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from predictq.errors import PredictionError
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+from tests.support import models
+from tests.support.layers import FAIL, SHORT
+from tests.support.processes import WorkerProcess
+
+F = models.FEATURES
+
+
+@pytest.fixture(scope="module")
+def misbehaving_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return models.build_misbehaving_model(str(tmp_path_factory.mktemp("m") / "misbehaving.keras"))
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: RedisServer, misbehaving_path: str) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=misbehaving_path,
+        concurrency=16,
+        queue="misbehaving",
+        name="misbehaving",
+        env={"PREDICTQ_MODEL_IMPORTS": "tests.support.layers", "PREDICTQ_MAX_BATCH_SIZE": "64"},
+    ).start()
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture()
+def client(redis_server: RedisServer, worker: WorkerProcess) -> Iterator[PredictionClient]:
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="misbehaving",
+        result_timeout_s=60,
+    ) as c:
+        yield c
+
+
+def metric(worker: WorkerProcess, line_prefix: str) -> float:
+    """The value of the first /metrics line that starts with ``line_prefix + " "``."""
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_prefix} not in /metrics")
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        (FAIL, "InvalidArgumentError.*a FAIL sample"),
+        (SHORT, "model output 0 has 0 rows for a batch of 1 samples"),
+    ],
+    ids=["model-raises", "output-too-short"],
+)
+def test_a_job_that_breaks_its_batch_fails_alone_and_its_neighbours_get_their_outputs(
+    client: PredictionClient,
+    worker: WorkerProcess,
+    misbehaving_path: str,
+    marker: float,
+    message: str,
+) -> None:
+    rng = np.random.default_rng(int(marker))
+    bad = np.full((1, F), marker, np.float32)
+    isolated_before = metric(worker, "predictq_batches_isolated_total")
+    # Bursts of concurrent jobs, until the bad one has shared a device call at
+    # least once (a burst on a busy 2-core machine can be served one by one).
+    for _ in range(10):
+        x = rng.random((15, 1, F), dtype=np.float32)
+        with ThreadPoolExecutor(16) as pool:
+            jobs = list(pool.map(client.submit, [*x[:8], bad, *x[8:]]))
+        bad_job = jobs.pop(8)
+        expected = models.reference(misbehaving_path, x.reshape(-1, F))
+        for i, job in enumerate(jobs):
+            assert np.allclose(job.get(timeout=60), expected[i : i + 1], atol=1e-5)
+        with pytest.raises(PredictionError, match=message) as failed:
+            bad_job.get(timeout=60)
+        # The model's own words, not TensorFlow's trace-time stack of file paths.
+        assert len(str(failed.value)) < 600 and "File " not in str(failed.value)
+        if metric(worker, "predictq_batches_isolated_total") > isolated_before:
+            break
+    else:
+        pytest.fail("in 10 bursts the bad job never shared a device call")
+
+
+def test_a_job_larger_than_max_batch_size_runs_in_device_sized_pieces_in_order(
+    client: PredictionClient, worker: WorkerProcess, misbehaving_path: str
+) -> None:
+    x = np.random.default_rng(5).random((1000, F), dtype=np.float32)
+    calls_before = metric(worker, "predictq_batch_size_samples_count")
+    fitting_before = metric(worker, 'predictq_batch_size_samples_bucket{le="64.0"}')
+    out = client.predict(x, timeout=60)
+    assert np.allclose(out, models.reference(misbehaving_path, x), atol=1e-5)
+    calls = metric(worker, "predictq_batch_size_samples_count") - calls_before
+    fitting = metric(worker, 'predictq_batch_size_samples_bucket{le="64.0"}') - fitting_before
+    assert calls >= 1000 / 64 and fitting == calls  # every device call held <= 64 samples
+
+
+def test_the_worker_serves_on_after_failing_jobs(
+    client: PredictionClient, misbehaving_path: str, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(6).random((3, F), dtype=np.float32)
+    for marker in (FAIL, SHORT):
+        with pytest.raises(PredictionError):
+            client.predict(np.full((2, F), marker, np.float32), timeout=60)
+        assert np.allclose(
+            client.predict(x, timeout=60), models.reference(misbehaving_path, x), atol=1e-5
+        )
