@@ -17,22 +17,24 @@ from typing import Any, NoReturn
 import click
 import numpy as np
 import redis
-from kombu.exceptions import OperationalError
 
 from predictq.errors import PredictqError
 from predictq.settings import Settings, mask_url
 
 
 class _Cli(click.Group):
-    """Turns expected errors into one clear line unless --debug."""
+    """Turns any error into one clear line (the full traceback with --debug)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (PredictqError, redis.RedisError, OperationalError, OSError) as e:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors and deliberate exits: click reports them itself
+        except Exception as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"predictq: error: {e}", err=True)
+            described = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            click.echo(f"predictq: error: {described}", err=True)
             ctx.exit(1)
 
 
@@ -120,7 +122,10 @@ def worker(
 @click.option("--port", type=int, help="HTTP port (default PREDICTQ_FLOWER_PORT).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(port: int | None, flower_args: tuple[str, ...]) -> None:
-    """Run Flower against the predictq queue, with basic auth from PREDICTQ_FLOWER_BASIC_AUTH."""
+    """Run Flower against the predictq queue, with basic auth from PREDICTQ_FLOWER_BASIC_AUTH.
+
+    Without basic auth, Flower listens on 127.0.0.1 only (any other --address is an error).
+    """
     settings = Settings.from_env()
     argv = [
         *_CELERY,
@@ -144,9 +149,9 @@ def flower(port: int | None, flower_args: tuple[str, ...]) -> None:
 def up(demo: bool, model_path: str | None, once: bool, no_flower: bool) -> None:
     """Start Redis (embedded if none is configured or reachable), a worker and Flower.
 
-    Ctrl-C (or SIGTERM) stops all of them.
+    Ctrl-C (or SIGTERM) stops all of them; during start-up, with status 130 (143).
     """
-    from predictq.up import Supervisor, UpOptions
+    from predictq.up import StartupInterrupted, Supervisor, UpOptions
 
     settings = Settings.from_env()
     options = UpOptions(
@@ -159,9 +164,14 @@ def up(demo: bool, model_path: str | None, once: bool, no_flower: bool) -> None:
         started = supervisor.start()
         if demo:
             _run_demo(settings, started)
+            supervisor.raise_if_interrupted()
         if not once:
             click.echo("predictq is up; press Ctrl-C to stop.")
             code = supervisor.wait()
+    except StartupInterrupted as e:
+        click.echo(f"predictq: {e}", err=True)
+        # What a shell reports for a process that the signal ended.
+        code = 128 + supervisor.stop_signal
     finally:
         click.echo("stopping ...")
         supervisor.stop()
@@ -220,6 +230,11 @@ def predict(
     """Predict a .npy file (or a .npz of named inputs) through the queue."""
     from producer import PredictionClient
 
+    if not output_path.endswith((".npy", ".npz")):
+        raise click.BadParameter(
+            f"must end in .npy (one output) or .npz, got {output_path!r}",
+            param_hint="'-o' / '--output'",
+        )
     if input_path.endswith(".npz"):
         with np.load(input_path) as data:
             inputs: Any = {k: data[k] for k in data.files}
@@ -231,18 +246,36 @@ def predict(
         outputs = client.predict_many(
             inputs, chunk_size=chunk_size, progress=progress, timeout=timeout_s
         )
-    if isinstance(outputs, np.ndarray) and not output_path.endswith(".npz"):
-        np.save(output_path, outputs)
-    else:
-        named = (
-            outputs
-            if isinstance(outputs, dict)
-            else {f"output_{i}": o for i, o in enumerate(outputs)}
-            if isinstance(outputs, list)
-            else {"output_0": outputs}
-        )
-        np.savez(output_path, **named)
+    _write_outputs(outputs, output_path)
     click.echo(f"wrote {output_path}", err=True)
+
+
+class OutputFormatError(PredictqError):
+    """The ``-o`` file type cannot hold the model's outputs (several outputs need .npz)."""
+
+
+def _write_outputs(outputs: Any, path: str) -> None:
+    """Write exactly ``path`` (.npy or .npz, checked up front): one array, or every output."""
+    if isinstance(outputs, np.ndarray) and path.endswith(".npy"):
+        np.save(path, outputs)
+        return
+    if path.endswith(".npy"):
+        what = (
+            f"named outputs ({', '.join(outputs)})"
+            if isinstance(outputs, dict)
+            else f"a list of {len(outputs)} outputs"
+        )
+        raise OutputFormatError(
+            f"the model returns {what} and a .npy file holds one array: "
+            f"write them to a .npz instead (-o {path.removesuffix('.npy')}.npz)"
+        )
+    if isinstance(outputs, dict):
+        named = outputs
+    elif isinstance(outputs, list | tuple):
+        named = {f"output_{i}": o for i, o in enumerate(outputs)}
+    else:
+        named = {"output_0": outputs}
+    np.savez(path, **named)
 
 
 @cli.command()

@@ -23,6 +23,8 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 from kombu.serialization import register
+from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import loads as json_loads
 
 from predictq.errors import InvalidInput, PayloadTooLarge
 
@@ -137,13 +139,17 @@ def dumps(value: object) -> bytes:
     return msgpack.packb(value, default=_default, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def loads(body: bytes | bytearray | memoryview, *, max_payload_bytes: int | None = None) -> Any:
-    """Decode a task or result body, refusing oversized bodies before any decoding."""
-    if max_payload_bytes is not None and len(body) > max_payload_bytes:
+def _check_body_size(body: bytes | bytearray | memoryview | str, max_bytes: int | None) -> None:
+    if max_bytes is not None and len(body) > max_bytes:
         raise PayloadTooLarge(
-            f"message body: expected at most {max_payload_bytes} bytes "
+            f"message body: expected at most {max_bytes} bytes "
             f"(PREDICTQ_MAX_PAYLOAD_BYTES), received {len(body)} bytes"
         )
+
+
+def loads(body: bytes | bytearray | memoryview, *, max_payload_bytes: int | None = None) -> Any:
+    """Decode a task or result body, refusing oversized bodies before any decoding."""
+    _check_body_size(body, max_payload_bytes)
     try:
         return msgpack.unpackb(body, object_hook=_object_hook, raw=False, strict_map_key=False)
     except InvalidInput:
@@ -168,10 +174,19 @@ def register_serializer(*, max_payload_bytes: int | None = None) -> None:
     def decoder(body: bytes) -> Any:
         return loads(body, max_payload_bytes=max_payload_bytes)
 
+    def json_decoder(body: bytes | str) -> Any:
+        # JSON jobs (any Celery client) obey the same limit, checked before
+        # kombu's JSON parser builds a Python list per number.
+        _check_body_size(body, max_payload_bytes)
+        return json_loads(body)  # type: ignore[no-untyped-call]
+
     register(  # type: ignore[no-untyped-call]
         SERIALIZER_NAME,
         dumps,
         decoder,
         content_type=CONTENT_TYPE,
         content_encoding="binary",
+    )
+    register(  # type: ignore[no-untyped-call]
+        "json", json_dumps, json_decoder, content_type=JSON_CONTENT_TYPE, content_encoding="utf-8"
     )

@@ -35,16 +35,22 @@ def reference(task_id: str) -> dict[str, str]:
     return {REF_KEY: payload_key(task_id)}
 
 
-def referenced_key(raw: object) -> str | None:
-    """The payload key if ``raw`` is a reference, else None."""
+def referenced_key(raw: object, task_id: str) -> str | None:
+    """The payload key if ``raw`` is a reference, else None.
+
+    A job may only reference its own payload: the worker deletes what it read,
+    so a crafted reference to another job's key would read that job's input
+    and make it fail.
+    """
     if isinstance(raw, dict) and REF_KEY in raw:
         key = raw[REF_KEY]
-        if not isinstance(key, str) or not key.startswith(PAYLOAD_PREFIX) or len(raw) != 1:
+        own = payload_key(task_id)
+        if key != own or len(raw) != 1:
             raise InvalidInput(
-                f"payload reference: expected {{{REF_KEY!r}: '{PAYLOAD_PREFIX}<task id>'}}, "
+                f"payload reference: expected {{{REF_KEY!r}: {own!r}}} (this job's own key), "
                 f"received {str(raw)[:200]}"
             )
-        return key
+        return own
     return None
 
 

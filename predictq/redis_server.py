@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,15 @@ def _supports_tls(binary: str) -> bool:
     return "tls-port" not in (out.stdout + out.stderr)
 
 
+#: Starts a process from its argv; ``RedisServer(spawn=...)`` lets its owner decide how.
+Spawn = Callable[[list[str]], "subprocess.Popen[bytes]"]
+
+
+def _spawn_attached(argv: list[str]) -> subprocess.Popen[bytes]:
+    # The default: a plain child, in this process's group (what test fixtures want).
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -99,7 +109,9 @@ class RedisServer:
     """One redis-server process on 127.0.0.1 that this process owns.
 
     ``appendonly=True`` keeps data across ``restart()`` (AOF, fsync always),
-    which the fault-injection tests rely on.
+    which the fault-injection tests rely on. ``spawn`` starts the process from
+    its argv (every start, restarts included); ``predictq up`` passes the one
+    it starts its other children with (own session, dies with its parent).
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class RedisServer:
         appendonly: bool = False,
         tls: TlsFiles | None = None,
         data_dir: str | None = None,
+        spawn: Spawn = _spawn_attached,
     ) -> None:
         self.port = port or free_port()
         self.password = password
@@ -118,6 +131,7 @@ class RedisServer:
         self.binary = find_binary(tls=tls is not None)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="predictq-redis-")
+        self._spawn = spawn
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -178,9 +192,7 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self._process is not None and self._process.poll() is None:
             return self
-        self._process = subprocess.Popen(
-            self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self._process = self._spawn(self._argv())
         self.wait_ready(timeout_s)
         return self
 

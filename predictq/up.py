@@ -1,10 +1,12 @@
 """``predictq up``: Redis (embedded if needed), a threads-pool worker and Flower, supervised.
 
-The supervisor starts each child in its own session, so a terminal's Ctrl-C
+The supervisor starts each child, the embedded Redis included, in its own
+session, so a terminal's Ctrl-C (SIGINT to the foreground process group)
 reaches only the supervisor, which then stops the children in order (worker
-first, so in-flight jobs finish while Redis is still there) and waits for them.
-Children also get SIGTERM if the supervisor itself dies (Linux PDEATHSIG), so
-no process outlives it. The supervisor never imports TensorFlow.
+first, so in-flight jobs finish while Redis is still there, then Flower, then
+Redis) and waits for them. Children also get SIGTERM if the supervisor itself
+dies (Linux PDEATHSIG), so no process outlives it. The supervisor never imports
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from predictq.demo import HOLDOUT_FILE, MODEL_FILE
 from predictq.errors import ConfigError, PredictqError
 from predictq.readiness import read_records
 from predictq.redis_client import client_from_url
@@ -39,6 +42,35 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_supervised(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    output: IO[bytes] | int = subprocess.DEVNULL,
+) -> subprocess.Popen[bytes]:
+    """Start one child of the supervisor: its own session, SIGTERM when the supervisor dies.
+
+    Every child of `predictq up` (Redis, the demo's training, the worker,
+    Flower) starts here. The
+    supervisor starts them from its main thread before it starts any thread of
+    its own, which makes preexec_fn safe, and PDEATHSIG fires when the thread
+    that forked the child ends: the main thread ends only with the process.
+    """
+    return subprocess.Popen(
+        argv,
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509
+    )
+
+
+class StartupInterrupted(PredictqError):
+    """SIGINT or SIGTERM arrived before `predictq up` finished starting."""
 
 
 @dataclass
@@ -63,6 +95,8 @@ class Supervisor:
         self.redis: RedisServer | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stop_requested = threading.Event()
+        #: The signal that asked for the stop (set before ``stop_requested``).
+        self.stop_signal = signal.SIGINT
         self.workdir = tempfile.mkdtemp(prefix="predictq-up-")
 
     # --- start -----------------------------------------------------------------
@@ -78,7 +112,10 @@ class Supervisor:
                 "starting an embedded one"
             )
         self.redis = RedisServer(
-            port=free_port(), appendonly=True, data_dir=os.path.join(self.workdir, "redis")
+            port=free_port(),
+            appendonly=True,
+            data_dir=os.path.join(self.workdir, "redis"),
+            spawn=spawn_supervised,
         )
         os.makedirs(self.redis.data_dir, exist_ok=True)
         self.redis.start()
@@ -88,37 +125,43 @@ class Supervisor:
         return self.redis.url(0), self.redis.url(1)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        logfile = open(os.path.join(self.workdir, f"{name}.log"), "wb")  # noqa: SIM115
-        self.children[name] = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # preexec_fn is safe here: the supervisor starts its children before
-            # it starts any thread of its own.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
-        )
-        logfile.close()
+        with open(os.path.join(self.workdir, f"{name}.log"), "wb") as logfile:
+            self.children[name] = spawn_supervised(argv, env=env, output=logfile)
+
+    def raise_if_interrupted(self) -> None:
+        """Raise StartupInterrupted once a stop was asked for."""
+        if self.stop_requested.is_set():
+            raise StartupInterrupted(f"interrupted by {self.stop_signal.name} during start-up")
 
     def _train_demo(self) -> tuple[str, str]:
         self.options.echo("demo:   training a small MLP on scikit-learn's digits dataset ...")
-        out = subprocess.run(
-            [sys.executable, "-m", "predictq.demo", os.path.join(self.workdir, "demo")],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-        if out.returncode != 0:
-            raise PredictqError(f"demo training failed: {out.stderr.strip()[-2000:]}")
-        model_path, holdout_path = out.stdout.strip().splitlines()[-2:]
-        return model_path, holdout_path
+        out_dir = os.path.join(self.workdir, "demo")
+        log_path = os.path.join(self.workdir, "demo.log")
+        with open(log_path, "wb") as logfile:
+            trainer = spawn_supervised(
+                [sys.executable, "-m", "predictq.demo", out_dir],
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                output=logfile,
+            )
+        # Polled, not waited on, so that a stop request ends the training at once.
+        while trainer.poll() is None and not self.stop_requested.wait(0.25):
+            pass
+        if trainer.poll() is None:
+            trainer.terminate()
+            trainer.wait()
+        self.raise_if_interrupted()
+        if trainer.returncode != 0:
+            tail = Path(log_path).read_text(errors="replace").strip()[-2000:]
+            raise PredictqError(f"demo training failed with code {trainer.returncode}: {tail}")
+        return os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, HOLDOUT_FILE)
 
     def start(self) -> dict[str, str]:
-        """Start everything and wait until the worker's model is ready."""
+        """Start everything and wait until the worker's model is ready.
+
+        Raises StartupInterrupted if a stop is asked for before that.
+        """
         broker_url, backend_url = self._redis_urls()
+        self.raise_if_interrupted()
         holdout = ""
         model_path = self.options.model_path or self.settings.model_path
         if self.options.demo:
@@ -179,6 +222,7 @@ class Supervisor:
                 if record.get("pid") == pid and record.get("warm"):
                     return record
             self.stop_requested.wait(0.25)
+        self.raise_if_interrupted()
         raise PredictqError(
             "the worker did not become ready within "
             f"{self.options.ready_timeout_s:.0f}s (see {self.workdir}/worker.log)"
@@ -191,6 +235,7 @@ class Supervisor:
             with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
                 return
             self.stop_requested.wait(0.25)
+        self.raise_if_interrupted()
         raise PredictqError(f"Flower did not answer at {url} (see {self.workdir}/flower.log)")
 
     # --- run and stop ----------------------------------------------------------
@@ -225,6 +270,7 @@ class Supervisor:
         """SIGINT/SIGTERM ask the supervisor to stop (handled in the main thread)."""
 
         def handler(signum: int, _frame: object) -> None:
+            self.stop_signal = signal.Signals(signum)
             self.stop_requested.set()
 
         signal.signal(signal.SIGINT, handler)

@@ -7,6 +7,7 @@ dropped at once.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import TYPE_CHECKING, Any
@@ -30,16 +31,44 @@ def _check_chunk_size(chunk_size: int) -> None:
 
 
 def submit_chunks(
-    client: PredictionClient, normalized: Any, *, chunk_size: int, deadline_s: float | None
+    client: PredictionClient,
+    normalized: Any,
+    *,
+    chunk_size: int,
+    deadline_s: float | None,
+    window: int,
 ) -> Iterator[Job]:
-    """Yield one submitted job per chunk of ``chunk_size`` rows."""
+    """One submitted job per chunk of ``chunk_size`` rows, ``window`` submitted ahead.
+
+    Arguments are checked at once, not on the first ``next()``.
+    """
     _check_chunk_size(chunk_size)
+    if not isinstance(window, int) or window < 1:
+        raise InvalidInput(f"window: expected an integer >= 1, received {window!r}")
     n = wire.rows(normalized)
+    return _submitted_ahead(client, normalized, n, chunk_size, deadline_s, window)
+
+
+def _submitted_ahead(
+    client: PredictionClient,
+    normalized: Any,
+    n: int,
+    chunk_size: int,
+    deadline_s: float | None,
+    window: int,
+) -> Iterator[Job]:
+    ahead: deque[Job] = deque()
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        yield client._submit(
-            wire.take(normalized, start, stop), deadline_s=deadline_s, rows=slice(start, stop)
+        ahead.append(
+            client._submit(
+                wire.take(normalized, start, stop), deadline_s=deadline_s, rows=slice(start, stop)
+            )
         )
+        if len(ahead) > window:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
 
 
 class _Outputs:

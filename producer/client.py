@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -37,6 +38,8 @@ from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _CONNECTION_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -199,12 +202,15 @@ class PredictionClient:
             headers={SENT_AT_HEADER: time.time()},
             argsrepr=wire.summary(normalized),
         )
+        self._retrying(lambda: self._publisher.publish(raw, payload))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, retried while Redis is unreachable, up to ``submit_timeout_s``."""
         give_up = time.monotonic() + self.settings.submit_timeout_s
         delay_s = 0.05
         while True:
             try:
-                self._publisher.publish(raw, payload)
-                return
+                return call()
             except _CONNECTION_ERRORS as e:
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
@@ -220,6 +226,7 @@ class PredictionClient:
         self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
     ) -> Any:
         """Submit one job and wait for its result (``submit(...).get(timeout)``)."""
+        check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
         return self.submit(inputs, deadline_s=deadline_s).get(timeout)
 
     def job(self, job_id: str) -> Job:
@@ -231,14 +238,17 @@ class PredictionClient:
     def queue_length(self) -> int:
         """Jobs waiting in the queue (not yet reserved by a worker)."""
         try:
-            pipe = self._broker.pipeline(transaction=False)
-            for key in queue_keys(self.settings.queue):
-                pipe.llen(key)
-            return int(sum(pipe.execute()))
+            return self._queue_length()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise BrokerUnavailable(
                 f"cannot read the queue length from {mask_url(self.settings.broker_url)}: {e}"
             ) from e
+
+    def _queue_length(self) -> int:
+        pipe = self._broker.pipeline(transaction=False)
+        for key in queue_keys(self.settings.queue):
+            pipe.llen(key)
+        return int(sum(pipe.execute()))
 
     def _check_queue_length(self) -> None:
         cap = self.settings.max_queue_length
@@ -251,7 +261,9 @@ class PredictionClient:
             measured_at, length = self._queue_estimate
             now = time.monotonic()
             if now - measured_at > 0.05:
-                length = self.queue_length()
+                # Retried like the publish itself: submit's promise is to retry
+                # an unreachable Redis until PREDICTQ_SUBMIT_TIMEOUT_S.
+                length = self._retrying(self._queue_length)
             if length >= cap:
                 self._queue_estimate = (now, length)
                 raise QueueFull(
@@ -263,17 +275,27 @@ class PredictionClient:
     # --- bulk ------------------------------------------------------------------
 
     def submit_many(
-        self, inputs: object, *, chunk_size: int = 4096, deadline_s: float | None = None
-    ) -> Any:
-        """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``).
+        self,
+        inputs: object,
+        *,
+        chunk_size: int = 4096,
+        deadline_s: float | None = None,
+        window: int = 8,
+    ) -> Iterator[Job]:
+        """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``), in order.
 
-        Submission blocks while ``max_in_flight`` jobs are unfinished, so a
-        consumer that reads results as it goes keeps memory bounded.
+        Chunks are submitted ``window`` ahead of the one yielded, so workers stay
+        busy while the caller reads results as it goes; a caller that only
+        collects the handles submits everything (up to ``max_in_flight``).
         """
         from producer.bulk import submit_chunks
 
         return submit_chunks(
-            self, wire.normalize(inputs), chunk_size=chunk_size, deadline_s=deadline_s
+            self,
+            wire.normalize(inputs),
+            chunk_size=chunk_size,
+            deadline_s=deadline_s,
+            window=window,
         )
 
     def predict_many(
@@ -293,6 +315,7 @@ class PredictionClient:
         """
         from producer.bulk import predict_chunks
 
+        check_timeout("timeout", timeout)
         return predict_chunks(
             self,
             wire.normalize(inputs),

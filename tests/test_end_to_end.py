@@ -131,6 +131,29 @@ def test_submit_many_gives_one_handle_per_chunk(client: PredictionClient, mlp_pa
     assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
 
 
+def test_submit_many_keeps_a_window_of_chunks_submitted_ahead_and_checks_arguments_at_once(
+    redis_server: RedisServer,
+) -> None:
+    x = rng(8).random((100, F), dtype=np.float32)
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="unread-submit-many",  # no worker: what was sent stays countable
+    ) as unread:
+        with pytest.raises(InvalidInput, match="chunk_size: expected"):
+            unread.submit_many(x, chunk_size=0)  # no next() needed
+        with pytest.raises(InvalidInput, match="window: expected"):
+            unread.submit_many(x, window=0)
+        chunks = unread.submit_many(x, chunk_size=10, window=3)
+        first = next(chunks)
+        assert first.rows == slice(0, 10)
+        assert unread.queue_length() == 4  # the one yielded + 3 ahead
+        rest = list(chunks)
+        assert [j.rows.start for j in rest if j.rows] == list(range(10, 100, 10))
+        assert unread.queue_length() == 10
+        unread._broker.delete("unread-submit-many")
+
+
 def test_any_celery_client_can_enqueue_by_task_name_with_json_lists(
     redis_server: RedisServer, client: PredictionClient, mlp_path: str
 ) -> None:

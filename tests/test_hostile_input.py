@@ -159,9 +159,20 @@ CASES: dict[str, Case] = {
         match="payload reference: expected",
     ),
     "payload reference to nothing": Case(
-        ({"__payload__": "predictq:payload:does-not-exist"},),
+        ({"__payload__": "predictq:payload:{task_id}"},),
         serializer="json",
-        match="found none",
+        match="expected an input stored at 'predictq:payload:.*', found none",
+    ),
+    "payload reference to another job's input": Case(
+        ({"__payload__": "predictq:payload:another-job"},),
+        serializer="json",
+        match="expected .*this job's own key.*received .*another-job",
+    ),
+    "JSON body over the size limit": Case(
+        ([[0.25] * F] * 60_000,),
+        serializer="json",
+        error=PayloadTooLarge,
+        match=r"expected at most 1048576 bytes .* received \d{7} bytes",
     ),
     "missing task argument": Case(
         (), match="expected exactly one argument `inputs`, received 0 positional"
@@ -188,8 +199,12 @@ CASES: dict[str, Case] = {
 def publish_raw(app: Celery, case: Case) -> str:
     """Publish a protocol-2 task message, headers and body as crafted by ``case``."""
     task_id = str(uuid.uuid4())
+    args = case.args
+    if case.serializer == "json":
+        # A case may name its own payload key, which depends on the task id.
+        args = json.loads(json.dumps(args).replace("{task_id}", task_id))
     headers, properties, body, sent_event = app.amqp.create_task_message(
-        task_id, "predictq.predict", case.args, case.kwargs or {}
+        task_id, "predictq.predict", args, case.kwargs or {}
     )
     headers.update(case.headers or {})
     with app.producer_or_acquire() as producer:
@@ -243,12 +258,28 @@ def test_the_producer_refuses_bad_calls_before_sending_anything(
     name: str, redis_server: RedisServer, client: PredictionClient
 ) -> None:
     call, match = PRODUCER_CASES[name]
-    client.settings = client.settings.replace(max_payload_bytes=1024 * 1024)
-    before = client.queue_length()
-    with pytest.raises(InvalidInput, match=match):
-        call(client)
-    assert client.queue_length() == before
+    # A queue no worker reads: anything sent would still be there.
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue=f"unread-{uuid.uuid4()}",
+        max_payload_bytes=1024 * 1024,
+    ) as unread:
+        with pytest.raises(InvalidInput, match=match):
+            call(unread)
+        assert unread.queue_length() == 0
     assert client.predict(VALID, timeout=60).shape == (2, 4)
+
+
+def test_a_job_cannot_read_or_consume_another_jobs_stored_input(
+    hostile: Celery, redis_server: RedisServer, client: PredictionClient
+) -> None:
+    victim = f"predictq:payload:{uuid.uuid4()}"
+    redis_server.client().set(victim, b"the victim's input")
+    task_id = publish_raw(hostile, Case(({"__payload__": victim},), serializer="json"))
+    with pytest.raises(InvalidInput, match="this job's own key"):
+        client.job(task_id).get(timeout=60)
+    assert redis_server.client().get(victim) == b"the victim's input"
 
 
 def test_an_oversized_referenced_payload_is_refused_before_it_is_read(

@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from predictq.demo import HOLDOUT_FILE
 from predictq.errors import InvalidInput
 from predictq.redis_server import RedisServer, free_port
 from producer import PredictionClient
@@ -294,6 +295,64 @@ def test_plain_celery_flower_applies_the_predictq_basic_auth_setting(
         stop_process(server.process)
 
 
+PREDICTQ_FLOWER = [sys.executable, "-m", "predictq.cli", "flower"]
+CELERY_FLOWER = [sys.executable, "-m", "celery", "-A", "workers", "flower"]
+
+
+def flower_env_without_auth(redis_server: RedisServer, **extra: str) -> dict[str, str]:
+    env = flower_env(redis_server, **extra)
+    del env["PREDICTQ_FLOWER_BASIC_AUTH"]
+    return env
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The IP addresses a process accepts TCP connections on."""
+    return {
+        c.laddr.ip
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+@pytest.mark.parametrize("argv", [PREDICTQ_FLOWER, CELERY_FLOWER], ids=["predictq", "celery"])
+def test_flower_without_basic_auth_listens_on_loopback_only_and_warns_once(
+    redis_server: RedisServer, tmp_path: Path, argv: list[str]
+) -> None:
+    server = Flower(argv, flower_env_without_auth(redis_server), tmp_path / "flower.log")
+    try:
+        server.wait_answering()
+        assert listening_addresses(server.process.pid) == {"127.0.0.1"}
+        log = server.log_path.read_text(errors="replace")
+        warnings = [line for line in log.splitlines() if "Flower has no basic auth" in line]
+        assert len(warnings) == 1, log
+        assert warnings[0].endswith("listening on 127.0.0.1 only"), warnings
+    finally:
+        stop_process(server.process)
+
+
+@pytest.mark.parametrize(
+    ("argv", "address_env"),
+    [
+        ([*PREDICTQ_FLOWER, "--address=0.0.0.0"], {}),
+        ([*CELERY_FLOWER, "--address=::"], {}),
+        (CELERY_FLOWER, {"FLOWER_ADDRESS": "192.0.2.1"}),
+    ],
+    ids=["predictq-argument", "celery-argument", "flower-variable"],
+)
+def test_flower_without_basic_auth_refuses_a_non_loopback_address_in_one_line(
+    redis_server: RedisServer, argv: list[str], address_env: dict[str, str]
+) -> None:
+    env = {**flower_env_without_auth(redis_server), **address_env}
+    out = subprocess.run(
+        argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("predictq: error: ConfigError: Flower without basic auth")
+    assert "PREDICTQ_FLOWER_BASIC_AUTH" in lines[0]
+
+
 # --- health --------------------------------------------------------------------------------
 
 
@@ -407,6 +466,71 @@ def test_debug_shows_the_traceback_of_an_invalid_setting() -> None:
     assert "ConfigError: PREDICTQ_MAX_BATCH_SIZE" in out.stderr
 
 
+def test_predict_on_a_file_that_is_not_npy_is_one_error_line_or_a_traceback_with_debug(
+    tmp_path: Path,
+) -> None:
+    not_npy = tmp_path / "inputs.npy"
+    not_npy.write_text("id,value\n1,0.5\n")
+    args = ("predict", str(not_npy), "-o", str(tmp_path / "out.npy"), "--no-progress")
+    out = run_cli(*args, env=clean_env())
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("predictq: error: ValueError: "), lines
+    debug = run_cli("--debug", *args, env=clean_env())
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert list(tmp_path.glob("out*")) == []
+
+
+def test_cli_predict_writes_every_output_of_a_multi_output_model_to_exactly_the_npz_named(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    model_path = models.build_multi_io(str(tmp_path / "multi.keras"), dict_io=True)
+    worker = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=model_path,
+        queue="multi-cli",
+        concurrency=2,
+    ).start()
+    rng = np.random.default_rng(11)
+    a, b = rng.random((10, 6), dtype=np.float32), rng.random((10, 3, 2), dtype=np.float32)
+    np.savez(tmp_path / "in.npz", a=a, b=b)
+    env = clean_env(
+        PREDICTQ_BROKER_URL=redis_server.url(0),
+        PREDICTQ_RESULT_BACKEND=redis_server.url(1),
+        PREDICTQ_QUEUE="multi-cli",
+    )
+
+    def predict_to(name: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("predict", str(tmp_path / "in.npz"), "-o", str(tmp_path / name), env=env)
+
+    try:
+        worker.wait_ready()
+        refused = predict_to("out.npy")
+        assert refused.returncode == 1
+        lines = refused.stderr.strip().splitlines()
+        assert lines[-1].startswith("predictq: error: OutputFormatError: "), refused.stderr
+        assert "named outputs" in lines[-1] and f"-o {tmp_path / 'out.npz'}" in lines[-1]
+        assert "Traceback" not in refused.stderr
+        unknown = predict_to("out.csv")
+        assert unknown.returncode == 2 and "must end in .npy" in unknown.stderr
+
+        wrote = predict_to("out.npz")
+        assert wrote.returncode == 0, wrote.stderr
+        assert wrote.stderr.strip().splitlines()[-1] == f"wrote {tmp_path / 'out.npz'}"
+    finally:
+        worker.stop()
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out.npz"]
+    expected = models.reference(model_path, {"a": a, "b": b})
+    with np.load(tmp_path / "out.npz") as written:
+        assert set(written.files) == set(expected) == {"score", "klass"}
+        for name, values in expected.items():
+            assert np.allclose(written[name], values, atol=1e-5), name
+
+
 def test_a_worker_without_a_model_is_a_usage_error() -> None:
     out = run_cli("worker", env=clean_env())
     assert out.returncode == 2
@@ -441,9 +565,9 @@ def test_every_command_documents_its_options_in_help(
 class UpRun:
     """`predictq up ...` in its own session, its stdout read line by line on a thread."""
 
-    def __init__(self, args: list[str], stderr_path: Path) -> None:
+    def __init__(self, args: list[str], stderr_path: Path, **extra_env: str) -> None:
         self.flower_port = free_port()
-        env = clean_env(PREDICTQ_FLOWER_PORT=str(self.flower_port))
+        env = clean_env(PREDICTQ_FLOWER_PORT=str(self.flower_port), **extra_env)
         assert "PREDICTQ_BROKER_URL" not in env  # so `up` starts an embedded Redis
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as stderr:
@@ -506,6 +630,13 @@ class UpRun:
                 roles["flower"] = p
         return roles
 
+    def printed(self, pattern: str) -> str:
+        """The first group of ``pattern`` in the first stdout line it matches."""
+        for line in self.lines:
+            if match := re.search(pattern, line):
+                return match.group(1)
+        raise AssertionError(f"no line matches {pattern!r}:\n{self.output()}")
+
     def cleanup(self) -> None:
         """Whatever the test's outcome: nothing it started survives it."""
         if self.process.poll() is None:
@@ -529,8 +660,26 @@ def accuracy_of(run: UpRun) -> float:
     return float(match.group(1))
 
 
+def assert_serves_a_job_of_our_own(run: UpRun) -> None:
+    """Predict held-out digits through the broker and result backend `up` printed."""
+    broker_url = run.printed(r"^redis: +embedded .* on (redis://\S+/0) ")
+    workdir = run.printed(r"^logs: +(\S+)$")
+    with np.load(Path(workdir, "demo", HOLDOUT_FILE)) as data:
+        x, y = data["x"][:50], data["y"][:50]
+    with PredictionClient(
+        broker_url=broker_url, result_backend=broker_url[: -len("/0")] + "/1"
+    ) as client:
+        probs = client.predict(x, timeout=60)
+    assert probs.shape == (50, 10)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert (probs.argmax(axis=1) == y).mean() >= 0.8
+
+
 @pytest.mark.timeout(480)
-def test_up_demo_serves_until_ctrl_c_then_stops_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_demo_serves_until_its_process_group_is_signalled_then_stops_every_process(
+    signum: signal.Signals, tmp_path: Path
+) -> None:
     run = UpRun(["--demo"], tmp_path / "up.stderr")
     try:
         run.read_until("predictq is up", timeout_s=240)
@@ -539,15 +688,79 @@ def test_up_demo_serves_until_ctrl_c_then_stops_every_process(tmp_path: Path) ->
         assert flower_lines == [f"flower: http://127.0.0.1:{run.flower_port}"], run.output()
         status, body = http_get(f"http://127.0.0.1:{run.flower_port}/healthcheck")
         assert (status, body) == (200, "OK")
+        assert_serves_a_job_of_our_own(run)
 
         roles = run.collect_descendants()
         assert set(roles) == {"redis", "worker", "flower"}, [p.cmdline() for p in run.descendants]
         assert all(not is_dead(p) for p in run.descendants)
+        # Each child leads a session of its own, so a signal to the terminal's
+        # process group reaches only the supervisor, which stops them in order.
+        assert {name: os.getsid(p.pid) for name, p in roles.items()} == {
+            name: p.pid for name, p in roles.items()
+        }
 
-        os.kill(run.process.pid, signal.SIGINT)  # what Ctrl-C sends to the supervisor
+        # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
+        os.killpg(run.process.pid, signum)
         assert run.process.wait(90) == 0
         run.read_rest()
         assert run.lines[-1] == "stopped.", run.output()
+        alive = [(p.pid, p.name()) for p in run.descendants if not is_dead(p)]
+        assert alive == []
+    finally:
+        run.cleanup()
+
+
+@pytest.mark.timeout(300)
+def test_up_leaves_no_process_behind_when_its_supervisor_is_killed(
+    mlp_path: str, tmp_path: Path
+) -> None:
+    run = UpRun(["--model", mlp_path], tmp_path / "up.stderr")
+    try:
+        run.read_until("predictq is up", timeout_s=240)
+        roles = run.collect_descendants()
+        assert set(roles) == {"redis", "worker", "flower"}, [p.cmdline() for p in run.descendants]
+        run.process.kill()  # SIGKILL: the supervisor stops nothing itself
+        run.process.wait(30)
+
+        def all_exited() -> bool:
+            return all(is_dead(p) for p in run.descendants)
+
+        # PDEATHSIG sends each child SIGTERM; the worker's warm shutdown takes a moment.
+        wait_for(all_exited, 120, "every child of the killed supervisor to exit", run.output)
+    finally:
+        run.cleanup()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_signal_during_start_up_says_interrupted_exits_128_plus_it_and_stops_every_process(
+    signum: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    # A model import that never finishes: the worker can never become ready.
+    (tmp_path / "never_ready.py").write_text("import threading\n\nthreading.Event().wait()\n")
+    run = UpRun(
+        ["--model", str(tmp_path / "never-loaded.keras"), "--no-flower"],
+        tmp_path / "up.stderr",
+        PREDICTQ_MODEL_IMPORTS="never_ready",
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}",
+        PREDICTQ_SHUTDOWN_TIMEOUT_S="5",
+    )
+    try:
+        run.read_until("redis:", timeout_s=60)
+
+        def worker_started() -> bool:
+            return "worker" in run.collect_descendants()
+
+        wait_for(worker_started, 60, "`up` to start its worker", run.output)
+        os.killpg(run.process.pid, signum)
+        assert run.process.wait(90) == status, run.output()
+        run.read_rest()
+        assert run.lines[-1] == "stopped.", run.output()
+        stderr = run.stderr_path.read_text()
+        interrupted = f"predictq: interrupted by {signum.name} during start-up"
+        assert stderr.strip().splitlines() == [interrupted], stderr
         alive = [(p.pid, p.name()) for p in run.descendants if not is_dead(p)]
         assert alive == []
     finally:

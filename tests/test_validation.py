@@ -91,6 +91,18 @@ def test_unsafe_casts_are_refused() -> None:
         check({"a": np.zeros((1, 2)), "b": np.zeros((1, 3, 1))}, MULTI)
 
 
+def test_narrowing_casts_that_would_change_values_are_refused() -> None:
+    ok = {"a": np.zeros((1, 2)), "b": np.full((1, 3, 1), 2**31 - 1, np.int64)}
+    assert check(ok, MULTI)[1].dtype == np.int32  # in range: cast
+    wraps = {"a": np.zeros((1, 2)), "b": np.full((1, 3, 1), 2**31, np.int64)}
+    with pytest.raises(InvalidInput, match=r"expected int32 values in \[-2147483648, 2147483647\]"):
+        check(wraps, MULTI)
+    with pytest.raises(InvalidInput, match=r"expected float32 values within .* magnitude 1e\+300"):
+        check(np.array([[1e300, 0, 0, 0]]))
+    # inf stays inf (refused or allowed by the non-finite policy), not a range error.
+    assert np.isinf(check(np.array([[np.inf, 0, 0, 0]]), allow_nonfinite=True)[0][0, 0])
+
+
 def test_multi_input_jobs_need_every_input_with_the_same_batch() -> None:
     with pytest.raises(InvalidInput, match="missing"):
         check({"a": np.zeros((1, 2))}, MULTI)

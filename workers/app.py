@@ -8,6 +8,8 @@ worker starts), and only then are settings read from the environment.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import logging
 import os
 from typing import Any
 
@@ -16,7 +18,10 @@ from celery import Celery
 
 from predictq.celeryconf import celery_config
 from predictq.codec import register_serializer
+from predictq.errors import ConfigError
 from predictq.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -42,11 +47,69 @@ def export_flower_options(settings: Settings) -> None:
 
     Flower reads its options from FLOWER_* variables when its command starts,
     which is after the Celery CLI has configured this app; explicit FLOWER_*
-    variables and command-line options still win.
+    variables and command-line options still win. Whatever they say, a Flower
+    without authentication listens on loopback only (``_guard_flower_address``).
     """
     if settings.flower_basic_auth:
         os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower_basic_auth)
     os.environ.setdefault("FLOWER_PORT", str(settings.flower_port))
+    _install_flower_guard()
+
+
+def flower_address(address: str, *, authenticated: bool) -> str:
+    """The address Flower may listen on: any with authentication, else loopback only.
+
+    Flower shows every job and can revoke them. Without authentication the
+    default ("" = every interface) becomes 127.0.0.1, and any other
+    non-loopback address is a ``ConfigError``.
+    """
+    if authenticated or _is_loopback(address):
+        return address
+    if not address:
+        return "127.0.0.1"
+    raise ConfigError(
+        f"Flower without basic auth may listen on loopback only, not on {address!r}: "
+        "set PREDICTQ_FLOWER_BASIC_AUTH=user:password, or use --address=127.0.0.1"
+    )
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name: not known to be local
+
+
+@functools.cache
+def _install_flower_guard() -> None:
+    # Flower applies FLOWER_* variables, its config file and its command line
+    # to tornado's options, then runs the parse callbacks: the guard sees
+    # exactly what Flower will bind. Tornado comes with Flower.
+    from tornado.options import options
+
+    options.add_parse_callback(_guard_flower_address)
+
+
+def _guard_flower_address() -> None:
+    from tornado.options import options
+
+    if options.unix_socket:
+        return  # no TCP listener: file permissions decide who connects
+    authenticated = bool(options.basic_auth or options.auth)
+    try:
+        options.address = flower_address(options.address, authenticated=authenticated)
+    except ConfigError as e:
+        # Inside Flower's click command, before it binds anything: the same one
+        # line as every predictq CLI error, and exit status 1.
+        click.echo(f"predictq: error: {type(e).__name__}: {e}", err=True)
+        raise click.exceptions.Exit(1) from e
+    if not authenticated:
+        log.warning(
+            "Flower has no basic auth (PREDICTQ_FLOWER_BASIC_AUTH): listening on %s only",
+            options.address,
+        )
 
 
 app = Celery("predictq", set_as_current=False)

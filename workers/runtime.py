@@ -78,7 +78,7 @@ class Runtime:
         """Validate, batch, run and restructure one job's prediction."""
         spec = self.model.spec
         with self.batcher.announce():
-            raw = self._resolve(raw)
+            raw = self._resolve(raw, job.task_id)
             arrays = validate(
                 raw,
                 spec,
@@ -112,9 +112,9 @@ class Runtime:
         if self._on_fatal is not None:
             self._on_fatal(error)
 
-    def _resolve(self, raw: object) -> object:
+    def _resolve(self, raw: object, task_id: str) -> object:
         """The job's input, read from Redis when it travelled by reference."""
-        key = payloads.referenced_key(raw)
+        key = payloads.referenced_key(raw, task_id)
         if key is None:
             return raw
         try:
@@ -122,10 +122,10 @@ class Runtime:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise BrokerUnavailable(f"cannot read the job's input from Redis: {e}") from e
 
-    def forget_payload(self, raw: object) -> None:
+    def forget_payload(self, raw: object, task_id: str) -> None:
         """Delete a referenced input once its job has a final outcome (best effort)."""
         try:
-            key = payloads.referenced_key(raw)
+            key = payloads.referenced_key(raw, task_id)
             if key is not None:
                 self.broker.delete(key)
         except (redis.RedisError, PredictqError) as e:

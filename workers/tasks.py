@@ -42,7 +42,7 @@ class PredictTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         metrics.JOBS.labels(outcome="success", error_type="").inc()
-        _forget_payload(args)
+        _forget_payload(args, task_id)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -51,13 +51,13 @@ class PredictTask(Task):  # type: ignore[misc]
         # A final outcome: the input is not needed again. Not for a lost worker
         # (prefork): that job is requeued and will read its input again.
         if isinstance(exc, PredictqError) and not exc.retryable:
-            _forget_payload(args)
+            _forget_payload(args, task_id)
 
 
-def _forget_payload(args: Any) -> None:
+def _forget_payload(args: Any, task_id: str) -> None:
     if args and isinstance(args, list | tuple):
         with contextlib.suppress(ModelNotReady):
-            current_runtime().forget_payload(args[0])
+            current_runtime().forget_payload(args[0], task_id)
 
 
 def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:

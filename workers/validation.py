@@ -88,6 +88,7 @@ def conform(array: Array, spec: TensorSpec, *, allow_nonfinite: bool) -> Array:
                 f"{where}: expected dtype {spec.dtype.name} (or one that casts to it safely), "
                 f"received {array.dtype.name}"
             )
+        _check_range(array, spec.dtype, where)
         array = array.astype(spec.dtype)
     if not allow_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -96,6 +97,27 @@ def conform(array: Array, spec: TensorSpec, *, allow_nonfinite: bool) -> Array:
             f"(set PREDICTQ_ALLOW_NONFINITE=true to accept them)"
         )
     return array
+
+
+def _check_range(array: Array, target: np.dtype[Any], where: str) -> None:
+    """Refuse values a narrowing cast would wrap (ints) or turn into inf (floats)."""
+    if array.size == 0 or np.can_cast(array.dtype, target, casting="safe"):
+        return
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise InvalidInput(
+                f"{where}: expected {target.name} values in [{info.min}, {info.max}], "
+                f"received values in [{low}, {high}]"
+            )
+    elif target.kind == "f":
+        largest = np.max(np.abs(array), initial=0, where=np.isfinite(array))
+        if largest > np.finfo(target).max:
+            raise InvalidInput(
+                f"{where}: expected {target.name} values within +-{np.finfo(target).max:.4g}, "
+                f"received a value of magnitude {largest:.4g}"
+            )
 
 
 def validate(
