@@ -43,5 +43,5 @@ def build(out_dir: str, *, quick: bool) -> list[BenchModel]:
     conv.save(conv_path)
     return [
         BenchModel("mlp", mlp_path, (64,), 100_000 if quick else 1_000_000),
-        BenchModel("mobilenetv2", conv_path, (32, 32, 3), 2_000 if quick else 10_000),
+        BenchModel("mobilenetv2", conv_path, (32, 32, 3), 2_000 if quick else 20_000),
     ]

@@ -9,10 +9,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.readiness import read_records
 from predictq.redis_server import free_port
@@ -25,6 +27,8 @@ class Worker:
 
     def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
         self.name = name
+        port = env.get("PREDICTQ_METRICS_PORT")
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port else None
         fd, self.log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
         os.close(fd)
         with open(self.log_path, "wb") as log:
@@ -50,6 +54,18 @@ class Worker:
     def reset_peak(self) -> None:
         """Start a new peak measurement (e.g. per scenario)."""
         self.peak_rss_mb = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """The worker's own Prometheus samples (unlabelled ones), by name."""
+        assert self.metrics_url is not None
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.labels
+        }
 
     def log_tail(self) -> str:
         return Path(self.log_path).read_text(errors="replace")[-3000:]

@@ -66,8 +66,9 @@ def raw(
     expected: Array,
     name: str,
     batch_sizes: tuple[int, ...] = (1, 64, 256, 1024, 4096),
-) -> tuple[Result, float]:
-    """In-process compiled call at the best batch size; also returns the batch-1 time (ms)."""
+) -> tuple[Result, float, float]:
+    """In-process compiled call at the best batch size, plus the batch-1 time (ms) back to
+    back and alone (after a pause, as a job on an idle worker gets it)."""
     from workers.model import load_model
 
     model = load_model(model_path)

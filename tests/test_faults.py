@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -114,6 +115,9 @@ def test_sigterm_finishes_in_flight_work_requeues_the_rest_and_exits_in_bounded_
             exit_code = first.terminate(timeout_s=60)
             assert time.monotonic() - started < 30
             assert exit_code == 0
+            # Nothing left reserved: running jobs were acknowledged, reserved
+            # ones handed back to the queue, none left for the visibility timeout.
+            assert aof_redis.client().hlen("unacked") == 0
             assert "Warm shutdown" in first.log() or "worker: Warm shutdown" in first.log()
             second.start().wait_ready()
             assert_all_correct(jobs, x, mlp_path)
@@ -151,6 +155,60 @@ def test_redis_restart_mid_run_every_submitted_job_completes(
         assert worker.process is not None and worker.process.poll() is None
     finally:
         worker.stop()
+
+
+class _LogSeen(logging.Handler):
+    """Sets ``event`` when a record containing ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+@pytest.mark.slow
+def test_a_submit_made_during_a_redis_outage_waits_it_out_and_its_job_completes(
+    aof_redis: RedisServer, mlp_path: str
+) -> None:
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "5"}
+    worker = worker_on(aof_redis, mlp_path, concurrency=4, name="patient", env=env).start()
+    retrying = _LogSeen("broker unavailable")
+    producer_log = logging.getLogger("producer.client")
+    producer_log.addHandler(retrying)
+    try:
+        worker.wait_ready()
+        x = inputs(2, seed=4)
+        with client_on(aof_redis, submit_timeout_s=60, visibility_timeout_s=5) as client:
+            assert_all_correct([client.submit(x[0])], x[:1], mlp_path)  # connected and served
+            aof_redis.stop()
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.submit, x[1])
+                assert retrying.event.wait(30), "the submit did not meet the outage"
+                assert not pending.done()
+                aof_redis.start()
+                job = pending.result(timeout=90)
+            assert_all_correct([job], x[1:], mlp_path)
+    finally:
+        producer_log.removeHandler(retrying)
+        worker.stop()
+
+
+@pytest.mark.parametrize("queue_cap", [None, 1000], ids=["uncapped", "capped-queue"])
+def test_a_connected_client_gets_broker_unavailable_once_an_outage_outlasts_its_deadline(
+    aof_redis: RedisServer, queue_cap: int | None
+) -> None:
+    with client_on(aof_redis, submit_timeout_s=2, max_queue_length=queue_cap) as client:
+        assert client.queue_length() == 0  # connected
+        aof_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=r"within 2s .*PREDICTQ_SUBMIT_TIMEOUT_S"):
+            client.submit(np.zeros((1, F), np.float32))
+        # It retried for the whole deadline (the queue-length check too), then gave up.
+        assert 2 <= time.monotonic() - started < 20
 
 
 def test_submit_with_redis_down_raises_broker_unavailable_in_bounded_time() -> None:

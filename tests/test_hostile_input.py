@@ -7,6 +7,7 @@ queue, the way a buggy or malicious client in any language could.
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ import numpy as np
 import pytest
 from celery import Celery
 from kombu.serialization import register
+from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.codec import CONTENT_TYPE
 from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge, PredictqError
 from predictq.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
+from tests.support.processes import WorkerProcess
 
 F = models.FEATURES
 VALID = np.full((2, F), 0.5, np.float32)
@@ -269,6 +272,32 @@ def test_the_producer_refuses_bad_calls_before_sending_anything(
             call(unread)
         assert unread.queue_length() == 0
     assert client.predict(VALID, timeout=60).shape == (2, 4)
+
+
+def _invalid_input_failures(worker: WorkerProcess) -> float:
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+    return sum(
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name == "predictq_jobs_total" and s.labels.get("error_type") == "InvalidInput"
+    )
+
+
+def test_invalid_input_runs_once_and_is_never_retried(
+    client: PredictionClient, mlp_worker: WorkerProcess, mlp_path: str
+) -> None:
+    before = _invalid_input_failures(mlp_worker)
+    with pytest.raises(InvalidInput, match=r"expected shape \[N, 16\], received \[2, 17\]"):
+        client.predict(np.zeros((2, F + 1), np.float32), timeout=60)
+    # Later jobs, served after it: a retry would have run it again by now.
+    for _ in range(3):
+        assert np.allclose(
+            client.predict(VALID, timeout=60), models.reference(mlp_path, VALID), atol=1e-5
+        )
+    assert _invalid_input_failures(mlp_worker) - before == 1
 
 
 def test_a_job_cannot_read_or_consume_another_jobs_stored_input(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,15 @@ def run_jobs(client: PredictionClient, make_input: object, jobs: int, threads: i
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, range(jobs)))
+
+
+def model_loads(port: int) -> float:
+    """``predictq_model_loads_total`` read from one worker process's own /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("predictq_model_loads_total "):
+                return float(line.split()[1])
+    raise AssertionError(f"no predictq_model_loads_total on port {port}")
 
 
 def test_solo_pool_loads_once_and_serves_a_multi_input_multi_output_model(
@@ -59,6 +69,7 @@ def test_solo_pool_loads_once_and_serves_a_multi_input_multi_output_model(
         assert np.allclose(as_list["klass"], outs[0]["klass"], atol=1e-6)  # type: ignore[index]
         assert record["pid"] == worker.pid and record["pool"] == "solo"
         assert [r["loads"] for r in worker.records()] == [1]
+        assert model_loads(worker.metrics_port) == 1  # after 101 jobs, still one load
     finally:
         worker.stop()
 
@@ -94,6 +105,13 @@ def test_prefork_pool_loads_once_per_child_and_never_in_the_parent(
         assert {r["pid"] for r in records} == children
         assert worker.pid not in {r["pid"] for r in records}
         assert all(r["loads"] == 1 and r["pool"] == "prefork" for r in records)
+        # After 100 jobs, each child's own counter: still one load (children
+        # serve metrics on the base port + their index, 0 and 1).
+        assert sorted(r["metrics_port"] for r in records) == [
+            worker.metrics_port,
+            worker.metrics_port + 1,
+        ]
+        assert [model_loads(r["metrics_port"]) for r in records] == [1, 1]
         # The parent never imported TensorFlow (it is not fork-safe).
         parent_maps = Path(f"/proc/{worker.pid}/maps").read_text()
         assert "libtensorflow" not in parent_maps

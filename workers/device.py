@@ -10,7 +10,9 @@ the outside (docker-compose, systemd, ...).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 
 from predictq.errors import ConfigError
 from predictq.settings import Settings
@@ -26,8 +28,32 @@ class DeviceInfo:
     gpus: tuple[str, ...]
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_one_tensorflow(installed: Callable[[str], bool] = _installed) -> None:
+    """Refuse an environment holding both ``tensorflow`` and ``tensorflow-cpu``.
+
+    Both install the same ``tensorflow`` module: whichever was installed last
+    overwrote part of the other's files, and the mix fails in ways that look
+    like model bugs (missing ops, wrong kernels, crashes on the first call).
+    """
+    if installed("tensorflow") and installed("tensorflow-cpu"):
+        raise ConfigError(
+            "both tensorflow and tensorflow-cpu are installed, and they overwrite each other: "
+            "pip uninstall -y tensorflow tensorflow-cpu, then pip install tensorflow "
+            "(predictq[gpu] for CUDA)"
+        )
+
+
 def configure_devices(settings: Settings) -> DeviceInfo:
     """Apply the device settings; returns the devices in use."""
+    check_one_tensorflow()
     import tensorflow as tf
 
     if settings.intra_op_threads is not None:

@@ -87,7 +87,8 @@ def _on_worker_init(sender: Any, **_: Any) -> None:
 def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
     from billiard.process import current_process
 
-    # prefork children are numbered from 1; the solo pool runs in process 0.
+    # billiard numbers prefork children from 0 (a replacement takes the index of
+    # the child it replaces); the solo pool has no index: 0.
     index = getattr(current_process(), "index", 0) or 0
     _start(worker_settings(), nodename=str(sender), index=index)
 

@@ -16,10 +16,16 @@ POISON = 666.0
 HUGE = 1000.0
 
 
+def _out_of_memory(n: Any) -> Any:
+    # tf.py_function reports a Python MemoryError as ResourceExhaustedError,
+    # the error TensorFlow raises when a device allocation fails.
+    raise MemoryError(f"test device: a batch of {int(n)} rows does not fit")
+
+
 @keras.saving.register_keras_serializable(package="predictq_tests")
 class OomAbove(keras.layers.Layer):  # type: ignore[misc]
-    """Identity, except for a real OOM (a ~800 GB allocation) on batches above ``max_rows``
-    or containing a sample whose first feature is >= HUGE (one that never fits)."""
+    """Identity, except that batches above ``max_rows`` rows, or holding a sample whose
+    first feature is >= HUGE (one that never fits), raise ResourceExhaustedError."""
 
     def __init__(self, max_rows: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -29,8 +35,9 @@ class OomAbove(keras.layers.Layer):  # type: ignore[misc]
         n = tf.shape(x)[0]
 
         def explode() -> Any:
-            huge = tf.ones(tf.stack([tf.cast(n, tf.int64) * (2**36)]), tf.float32)
-            return tf.reduce_max(huge)
+            out = tf.py_function(_out_of_memory, [n], tf.float32)
+            out.set_shape(())
+            return out
 
         too_big = tf.logical_or(n > self.max_rows, tf.reduce_any(x[:, 0] >= HUGE))
         scale = tf.cond(too_big, explode, lambda: tf.constant(1.0))

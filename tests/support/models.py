@@ -55,7 +55,7 @@ def export_savedmodel(path: str, *, features: int = FEATURES, seed: int = 3) -> 
 
 
 def build_oom_model(path: str, *, max_rows: int, features: int = FEATURES) -> str:
-    """An MLP that really runs out of memory on batches above ``max_rows``."""
+    """An MLP whose device call raises ResourceExhaustedError on batches above ``max_rows``."""
     import keras
 
     from tests.support.layers import OomAbove
