@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import tracemalloc
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,6 +126,31 @@ def test_predict_many_keeps_order_and_never_exceeds_max_in_flight(
         out = c.predict_many(x, chunk_size=100, progress=True, timeout=60)
     assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
     assert len(seen) == 31 and max(seen) <= 4
+
+
+def test_predict_many_memory_stays_below_a_second_copy_of_the_input_and_shows_progress(
+    redis_server: RedisServer,
+    mlp_path: str,
+    mlp_worker: WorkerProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    x = rng(9).random((200_000, F), dtype=np.float32)  # 12.8 MB in, 3.2 MB out
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="mlp",
+        max_in_flight=4,
+    ) as c:
+        tracemalloc.start()
+        try:
+            out = c.predict_many(x, chunk_size=4000, progress=True, timeout=60)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
+    # The output + 4 encoded chunks in flight (~1 MB): ~4 MB, not every chunk at once.
+    assert peak < x.nbytes / 2, f"peak {peak / 2**20:.1f} MiB, input {x.nbytes / 2**20:.1f} MiB"
+    assert "200000/200000" in capsys.readouterr().err  # tqdm's bar reached the end
 
 
 def test_submit_many_gives_one_handle_per_chunk(client: PredictionClient, mlp_path: str) -> None:
