@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from predictq.errors import (
 from predictq.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support import models
+from tests.support.cluster import assert_all_correct, client_on, inputs, worker_on
 from tests.support.layers import HUGE, POISON
 from tests.support.processes import WorkerProcess
 
@@ -37,30 +37,6 @@ def aof_redis() -> Iterator[RedisServer]:
     """A private redis-server with AOF persistence (fsync always), so restarts keep data."""
     with RedisServer(appendonly=True) as server:
         yield server
-
-
-def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
-    env = kw.pop("env", {})
-    return WorkerProcess(
-        broker_url=server.url(0), result_backend=server.url(1), model_path=model_path, env=env, **kw
-    )
-
-
-def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
-    return PredictionClient(
-        broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=180, **kw
-    )
-
-
-def inputs(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 1, F), dtype=np.float32)
-
-
-def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
-    expected = models.reference(model_path, x.reshape(-1, F))
-    for i, job in enumerate(jobs):
-        out = job.get(timeout=180)
-        assert np.allclose(out, expected[i : i + 1], atol=1e-5), f"job {i} got another's result"
 
 
 def wait_results(jobs: list[Job], count: int) -> None:

@@ -23,11 +23,11 @@ import redis
 from predictq.errors import PredictionError
 from predictq.readiness import read_records
 from predictq.redis_server import RedisServer
-from producer import Job, PredictionClient
 from tests.support import models
+from tests.support.cluster import assert_all_correct, client_on, inputs, worker_on
 from tests.support.crash import CRASH
 from tests.support.layers import HANG
-from tests.support.processes import ROOT, WorkerProcess, base_env, wait_for
+from tests.support.processes import ROOT, base_env, wait_for
 from workers.fatal import EX_CONFIG, EX_SOFTWARE
 
 F = models.FEATURES
@@ -37,28 +37,6 @@ F = models.FEATURES
 def private_redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
-    return WorkerProcess(
-        broker_url=server.url(0), result_backend=server.url(1), model_path=model_path, **kw
-    )
-
-
-def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
-    return PredictionClient(
-        broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=120, **kw
-    )
-
-
-def inputs(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 1, F), dtype=np.float32)
-
-
-def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
-    expected = models.reference(model_path, x.reshape(-1, F))
-    for i, job in enumerate(jobs):
-        assert np.allclose(job.get(timeout=120), expected[i : i + 1], atol=1e-5)
 
 
 def ready_records(server: RedisServer) -> list[dict[str, Any]]:

@@ -1,0 +1,43 @@
+"""Workers and clients on one private redis-server, and single-sample jobs to check.
+
+Shared by the fault and lifecycle tests, which each start their own Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from predictq.redis_server import RedisServer
+from producer import Job, PredictionClient
+from tests.support import models
+from tests.support.processes import WorkerProcess
+
+F = models.FEATURES
+
+
+def worker_on(server: RedisServer, model_path: str, **kw: Any) -> WorkerProcess:
+    """A (not yet started) worker on ``server``: broker db 0, results db 1."""
+    return WorkerProcess(
+        broker_url=server.url(0), result_backend=server.url(1), model_path=model_path, **kw
+    )
+
+
+def client_on(server: RedisServer, **kw: Any) -> PredictionClient:
+    """A producer on ``server``; keyword arguments override settings."""
+    kw.setdefault("result_timeout_s", 180)
+    return PredictionClient(broker_url=server.url(0), result_backend=server.url(1), **kw)
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` single-sample jobs' inputs, shape (n, 1, FEATURES)."""
+    return np.random.default_rng(seed).random((n, 1, F), dtype=np.float32)
+
+
+def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
+    """Each job's result equals the in-process model's output for its own input."""
+    expected = models.reference(model_path, x.reshape(-1, F))
+    for i, job in enumerate(jobs):
+        out = job.get(timeout=180)
+        assert np.allclose(out, expected[i : i + 1], atol=1e-5), f"job {i} got another's result"
