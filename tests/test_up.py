@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from predictq.demo import HOLDOUT_FILE
-from predictq.redis_server import free_port
+from predictq.redis_server import RedisServer, free_port
 from producer import PredictionClient
 from tests.support.ops import clean_env, http_get
 from tests.support.processes import ROOT, wait_for
@@ -44,7 +44,8 @@ class UpRun:
     def __init__(self, args: list[str], stderr_path: Path, **extra_env: str) -> None:
         self.flower_port = free_port()
         env = clean_env(PREDICTQ_FLOWER_PORT=str(self.flower_port), **extra_env)
-        assert "PREDICTQ_BROKER_URL" not in env  # so `up` starts an embedded Redis
+        # Unless a test configures one, `up` starts an embedded Redis.
+        assert "PREDICTQ_BROKER_URL" not in env or "PREDICTQ_BROKER_URL" in extra_env
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
@@ -262,3 +263,34 @@ def test_up_demo_once_exits_by_itself_after_the_demo_leaving_nothing_behind(
         assert alive == []
     finally:
         run.cleanup()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("answers", [True, False], ids=["reachable", "unreachable"])
+def test_up_uses_a_configured_redis_that_answers_and_starts_its_own_otherwise(
+    tmp_path: Path, mlp_path: str, answers: bool
+) -> None:
+    with RedisServer() as configured:
+        url = configured.url(0) if answers else f"redis://127.0.0.1:{free_port()}/0"
+        run = UpRun(
+            ["--model", mlp_path, "--once", "--no-flower"],
+            tmp_path / "up.stderr",
+            PREDICTQ_BROKER_URL=url,
+            PREDICTQ_RESULT_BACKEND=url[: -len("/0")] + "/1",
+        )
+        try:
+            run.read_until("loaded and warm", timeout_s=240)
+            roles = run.collect_descendants()
+            assert run.process.wait(120) == 0, run.output()
+            run.read_rest()
+            if answers:
+                assert run.printed(r"^redis: +using (\S+)$") == url
+                assert "redis" not in roles  # nothing embedded
+            else:
+                refused = run.printed(r"^redis: +(\S+) is not reachable; starting an embedded one")
+                assert refused == url
+                assert "redis" in roles
+                assert run.printed(r"^redis: +embedded .* on (redis://\S+/0) ") != url
+            assert [(p.pid, p.name()) for p in run.descendants if not is_dead(p)] == []
+        finally:
+            run.cleanup()
