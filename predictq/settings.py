@@ -103,6 +103,13 @@ class Settings:
     shutdown_timeout_s: float = field(
         default=30.0, metadata={"help": "Longest graceful shutdown before in-flight work is cut."}
     )
+    device_timeout_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "A device call running longer than this is hung: the worker process stops "
+            "and its jobs are redelivered."
+        },
+    )
 
     # --- Device -----------------------------------------------------------
     device: Device = field(default="auto", metadata={"help": "auto, cpu or gpu."})
@@ -199,6 +206,7 @@ class Settings:
         # Celery stores the expiry as whole seconds, and 0 means "never expires".
         _require(self.result_ttl_s >= 1, "result_ttl_s", self.result_ttl_s, "seconds >= 1")
         _require(self.shutdown_timeout_s > 0, "shutdown_timeout_s", self.shutdown_timeout_s, "> 0")
+        _require(self.device_timeout_s >= 1, "device_timeout_s", self.device_timeout_s, ">= 1")
         _require(
             self.submit_timeout_s >= 0, "submit_timeout_s", self.submit_timeout_s, "seconds >= 0"
         )

@@ -111,6 +111,20 @@ def test_only_one_device_call_runs_at_a_time(make: Any) -> None:
     assert model.max_concurrent == 1
 
 
+def test_the_running_device_call_is_timed_for_the_hang_watchdog(make: Any) -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=4)
+    assert batcher.call_running_s(time.monotonic()) == 0.0  # idle
+    future = batcher.submit([rows(0, 1)])
+    assert model.entered.wait(5)
+    later = time.monotonic() + 7.0
+    assert batcher.call_running_s(later) >= 7.0  # measured from the call's start
+    gate.set()
+    future.result(5)
+    assert batcher.call_running_s(time.monotonic()) == 0.0  # cleared when it returns
+
+
 def test_batch_is_capped_at_max_batch_size_samples(make: Any) -> None:
     gate = threading.Event()
     model = FakeModel(gate=gate)

@@ -156,3 +156,37 @@ def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_r
         gate.unlink(missing_ok=True)
         hung.stop()
         heir.stop()
+
+
+def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_redelivered(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
+    env = {
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+        "PREDICTQ_DEVICE_TIMEOUT_S": "2",
+        "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
+    }
+    hung = worker_on(private_redis, path, concurrency=4, name="wedged", env=env)
+    heir = worker_on(private_redis, path, concurrency=4, name="heir", env=env)
+    stuck = np.full((1, F), HANG, np.float32)
+    try:
+        hung.start().wait_ready()
+        assert hung.process is not None
+        with client_on(private_redis, visibility_timeout_s=3) as client:
+            job = client.submit(stuck)
+            wait_for(lambda: Path(f"{gate}.started").exists(), 60, "the device call to start")
+            # No signal from outside: the worker notices the hang and stops.
+            assert hung.process.wait(60) == EX_SOFTWARE
+            assert "over PREDICTQ_DEVICE_TIMEOUT_S=2: the device is hung" in hung.log()
+            assert ready_records(private_redis) == []
+            gate.unlink()
+            heir.start().wait_ready()
+            assert np.allclose(job.get(timeout=120), models.reference(path, stuck), atol=1e-5)
+    finally:
+        gate.unlink(missing_ok=True)
+        hung.stop()
+        heir.stop()

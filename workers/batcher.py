@@ -34,8 +34,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -47,91 +45,13 @@ from predictq.errors import (
     PredictqError,
 )
 from workers.arrivals import ArrivalTracker
+from workers.pieces import Array, BatchStats, Piece, Request
+
+__all__ = ["BatchStats", "Batcher"]
 
 log = logging.getLogger(__name__)
 
-Array = np.ndarray[Any, Any]
 RunFn = Callable[[list[Array]], list[Array]]
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one device call did, for metrics."""
-
-    samples: int
-    requests: int
-    device_s: float
-    oldest_wait_s: float
-
-
-class _Request:
-    """One submitted job: its future and the outputs of its pieces, by sample offset."""
-
-    def __init__(
-        self,
-        n: int,
-        deadline: float | None,
-        before_run: Callable[[], None] | None,
-        after_run: Callable[[], None] | None,
-    ) -> None:
-        self.future: Future[list[Array]] = Future()
-        self.n = n
-        self.deadline = deadline
-        self.before_run = before_run
-        self.after_run = after_run
-        self.submitted_at = time.monotonic()
-        self._parts: dict[int, list[Array]] = {}
-        self._received = 0
-
-    def deliver(self, offset: int, outputs: list[Array]) -> None:
-        if self.future.done():
-            return
-        self._parts[offset] = outputs
-        self._received += outputs[0].shape[0]
-        if self._received == self.n:
-            if self.after_run is not None:
-                # On the device thread, before it starts the next batch.
-                try:
-                    self.after_run()
-                except Exception as e:
-                    self.fail(e)
-                    return
-            ordered = [self._parts[k] for k in sorted(self._parts)]
-            if len(ordered) == 1:
-                self.future.set_result(ordered[0])
-            else:
-                self.future.set_result(
-                    [np.concatenate(cols) for cols in zip(*ordered, strict=True)]
-                )
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-@dataclass
-class _Piece:
-    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
-
-    request: _Request
-    offset: int
-    inputs: list[Array]
-    isolated: bool
-    signature: tuple[tuple[int, ...], ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.signature = tuple(a.shape[1:] for a in self.inputs)
-
-    @property
-    def n(self) -> int:
-        return int(self.inputs[0].shape[0])
-
-    def halves(self) -> tuple[_Piece, _Piece]:
-        k = self.n // 2
-        return (
-            _Piece(self.request, self.offset, [a[:k] for a in self.inputs], self.isolated),
-            _Piece(self.request, self.offset + k, [a[k:] for a in self.inputs], self.isolated),
-        )
 
 
 class Batcher:
@@ -162,15 +82,23 @@ class Batcher:
         # _queue only while not _closed, and leaves it only on the device
         # thread, so after close() + join() nothing can be left pending.
         self._cond = threading.Condition()
-        self._queue: deque[_Piece] = deque()
+        self._queue: deque[Piece] = deque()
         self._incoming = 0
         self._closed = False
         self._arrivals = ArrivalTracker()  # guarded by _cond too
+        # Written only by the device thread; read without a lock by a watchdog
+        # (a float assignment is atomic under the GIL).
+        self._call_started: float | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         """Start the device thread."""
         self._thread.start()
+
+    def call_running_s(self, now: float) -> float:
+        """How long the device call in progress has run (0 when none is)."""
+        started = self._call_started
+        return 0.0 if started is None else now - started
 
     @property
     def max_batch_size(self) -> int:
@@ -214,9 +142,9 @@ class Batcher:
         """
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
-        request = _Request(n, deadline, before_run, after_run)
+        request = Request(n, deadline, before_run, after_run)
         pieces = [
-            _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
+            Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
             for start in range(0, n, self._max)
         ]
         with self._cond:
@@ -246,7 +174,7 @@ class Batcher:
     # --- device thread ---------------------------------------------------------
 
     def _loop(self) -> None:
-        batch: list[_Piece] = []
+        batch: list[Piece] = []
         try:
             while True:
                 batch = self._next_batch()
@@ -275,7 +203,7 @@ class Batcher:
         for piece in pending:
             piece.request.fail(error)
 
-    def _next_batch(self) -> list[_Piece]:
+    def _next_batch(self) -> list[Piece]:
         """Block for the first piece, then fill; empty only when closed and drained."""
         with self._cond:
             while not self._queue:
@@ -300,10 +228,10 @@ class Batcher:
                     self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
 
-    def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
+    def _take_compatible(self, batch: list[Piece], samples: int) -> int:
         """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
         signature = batch[0].signature
-        kept: deque[_Piece] = deque()
+        kept: deque[Piece] = deque()
         while self._queue:
             piece = self._queue.popleft()
             if piece.isolated or piece.signature != signature:
@@ -319,7 +247,7 @@ class Batcher:
         self._queue = kept
         return samples
 
-    def _run_batch(self, batch: list[_Piece]) -> None:
+    def _run_batch(self, batch: list[Piece]) -> None:
         now = time.monotonic()
         live = []
         for piece in batch:
@@ -340,7 +268,7 @@ class Batcher:
         if live:
             self._execute(live)
 
-    def _execute(self, pieces: list[_Piece]) -> None:
+    def _execute(self, pieces: list[Piece]) -> None:
         try:
             outputs = self._call(pieces)
         except DeviceOutOfMemory as e:
@@ -363,10 +291,10 @@ class Batcher:
         for piece, outs in zip(pieces, outputs, strict=True):
             piece.request.deliver(piece.offset, outs)
 
-    def _on_oom(self, pieces: list[_Piece], error: DeviceOutOfMemory) -> None:
+    def _on_oom(self, pieces: list[Piece], error: DeviceOutOfMemory) -> None:
         if len(pieces) > 1:
             mid = len(pieces) // 2
-            halves: tuple[list[_Piece], ...] = (pieces[:mid], pieces[mid:])
+            halves: tuple[list[Piece], ...] = (pieces[:mid], pieces[mid:])
         elif pieces[0].n > 1:
             halves = tuple([h] for h in pieces[0].halves())
         else:
@@ -380,7 +308,7 @@ class Batcher:
         for half in halves:
             self._execute(half)
 
-    def _call(self, pieces: list[_Piece]) -> list[list[Array]]:
+    def _call(self, pieces: list[Piece]) -> list[list[Array]]:
         """One device call for ``pieces``; the outputs split back per piece."""
         if len(pieces) == 1:
             inputs = pieces[0].inputs
@@ -389,8 +317,11 @@ class Batcher:
                 np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces), strict=True)
             ]
         total = sum(p.n for p in pieces)
-        started = time.monotonic()
-        outputs = self._run(inputs)
+        started = self._call_started = time.monotonic()
+        try:
+            outputs = self._run(inputs)
+        finally:
+            self._call_started = None
         device_s = time.monotonic() - started
         for i, out in enumerate(outputs):
             if out.shape[0] != total:

@@ -21,7 +21,13 @@ from typing import Any
 import redis
 
 from predictq import payloads
-from predictq.errors import BrokerUnavailable, ConfigError, ModelNotReady, PredictqError
+from predictq.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    ModelNotReady,
+    PredictionError,
+    PredictqError,
+)
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings
@@ -73,6 +79,7 @@ class Runtime:
         )
         self.redis = redis_client
         self.readiness: ReadinessRecord | None = None
+        self._stop_watching: Callable[[], None] = lambda: None
 
     def predict(self, raw: object, job: JobContext) -> object:
         """Validate, batch, run and restructure one job's prediction."""
@@ -101,6 +108,37 @@ class Runtime:
             else:
                 future = self.batcher.submit(arrays, deadline=job.deadline)
         return spec.structure_outputs(future.result())
+
+    def watch_device(self) -> None:
+        """Start a thread that stops the process if a device call hangs.
+
+        A call that never returns (a wedged GPU, a deadlocked native op) would
+        hold every job of this process forever while its readiness record still
+        said "ready". Past ``device_timeout_s`` the process stops like one whose
+        device thread died; its unacknowledged jobs are redelivered, and one that
+        hangs every time it runs ends as a poison job.
+        """
+        limit_s = self.settings.device_timeout_s
+        stop = threading.Event()
+        self._stop_watching = stop.set
+
+        def watch() -> None:
+            while not stop.wait(min(1.0, limit_s / 4)):
+                running_s = self.batcher.call_running_s(time.monotonic())
+                if running_s > limit_s:
+                    self._device_thread_died(
+                        PredictionError(
+                            f"a device call has run for {running_s:.0f}s, over "
+                            f"PREDICTQ_DEVICE_TIMEOUT_S={limit_s:g}: the device is hung"
+                        )
+                    )
+                    return
+
+        threading.Thread(target=watch, name="predictq-device-watch", daemon=True).start()
+
+    def stop_watching(self) -> None:
+        """Stop the device watchdog (shutdown)."""
+        self._stop_watching()
 
     def _device_thread_died(self, error: BaseException) -> None:
         # No device thread, no predictions: stop counting as ready at once,
@@ -174,6 +212,7 @@ def start_runtime(
         warm_s = time.monotonic() - started
         runtime = Runtime(settings, model, device.kind, on_fatal)
         runtime.batcher.start()
+        runtime.watch_device()
         metrics.record_model(model.spec, warm_s, device.kind)
         metrics_port = None
         if settings.metrics_port is not None:
@@ -225,6 +264,7 @@ def stop_runtime() -> None:
         runtime, _process.runtime = _process.runtime, None
     if runtime is None:
         return
+    runtime.stop_watching()
     if not runtime.batcher.close(runtime.settings.shutdown_timeout_s):
         log.error("device thread did not finish within %.0fs", runtime.settings.shutdown_timeout_s)
     if runtime.readiness is not None:
