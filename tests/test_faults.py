@@ -17,15 +17,19 @@ from predictq.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
     PoisonJob,
-    PredictqError,
     QueueFull,
-    ResultTimeout,
     TooManyInFlight,
 )
 from predictq.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support import models
-from tests.support.cluster import assert_all_correct, client_on, inputs, worker_on
+from tests.support.cluster import (
+    assert_all_correct,
+    client_on,
+    inputs,
+    wait_dead_or_done,
+    worker_on,
+)
 from tests.support.layers import HUGE, POISON
 from tests.support.processes import WorkerProcess
 
@@ -196,23 +200,6 @@ def test_submit_with_redis_down_raises_broker_unavailable_in_bounded_time() -> N
         with pytest.raises(BrokerUnavailable, match=r"within 1s .*PREDICTQ_SUBMIT_TIMEOUT_S"):
             client.submit(np.zeros((1, F), np.float32))
         assert time.monotonic() - started < 15
-
-
-def wait_dead_or_done(worker: WorkerProcess, job: Job, timeout_s: float = 120) -> str:
-    """Block until the worker process exits ("dead") or the job has its outcome ("done")."""
-    give_up = time.monotonic() + timeout_s
-    assert worker.process is not None
-    while time.monotonic() < give_up:
-        if worker.process.poll() is not None:
-            return "dead"
-        try:
-            job.raw_result(timeout=0.2)
-            return "done"
-        except ResultTimeout:
-            continue
-        except PredictqError:
-            return "done"
-    raise AssertionError("neither the worker died nor the job finished")
 
 
 @pytest.mark.slow

@@ -20,11 +20,17 @@ import numpy as np
 import pytest
 import redis
 
-from predictq.errors import PredictionError
+from predictq.errors import PoisonJob, PredictionError
 from predictq.readiness import read_records
 from predictq.redis_server import RedisServer
 from tests.support import models
-from tests.support.cluster import assert_all_correct, client_on, inputs, worker_on
+from tests.support.cluster import (
+    assert_all_correct,
+    client_on,
+    inputs,
+    wait_dead_or_done,
+    worker_on,
+)
 from tests.support.crash import CRASH
 from tests.support.layers import HANG
 from tests.support.processes import ROOT, base_env, wait_for
@@ -190,3 +196,42 @@ def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_rede
         gate.unlink(missing_ok=True)
         hung.stop()
         heir.stop()
+
+
+@pytest.mark.slow
+def test_a_job_that_hangs_the_device_every_time_ends_as_a_poison_job(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()  # never released: every attempt hangs
+    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
+    env = {
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+        "PREDICTQ_DEVICE_TIMEOUT_S": "1",
+        "PREDICTQ_SHUTDOWN_TIMEOUT_S": "2",
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
+        "PREDICTQ_MAX_DELIVERIES": "2",
+    }
+    worker = worker_on(private_redis, path, concurrency=4, name="wedged", env=env).start()
+    stops = 0
+    try:
+        worker.wait_ready()
+        with client_on(private_redis, visibility_timeout_s=2) as client:
+            job = client.submit(np.full((1, F), HANG, np.float32))
+            while wait_dead_or_done(worker, job) == "dead":
+                assert worker.process is not None
+                assert worker.process.returncode == EX_SOFTWARE
+                stops += 1
+                assert stops <= 2, "the hanging job was run more than PREDICTQ_MAX_DELIVERIES times"
+                worker = worker_on(private_redis, path, concurrency=4, name="wedged", env=env)
+                worker.start().wait_ready()
+            with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) .*PREDICTQ_MAX_DELIVERIES=2"):
+                job.get(timeout=10)
+            assert stops == 2
+            assert np.allclose(  # the worker that gave it up serves on
+                client.predict(np.zeros((1, F), np.float32), timeout=60),
+                models.reference(path, np.zeros((1, F), np.float32)),
+                atol=1e-5,
+            )
+    finally:
+        worker.stop()

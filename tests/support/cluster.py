@@ -5,10 +5,12 @@ Shared by the fault and lifecycle tests, which each start their own Redis.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
+from predictq.errors import PredictqError, ResultTimeout
 from predictq.redis_server import RedisServer
 from producer import Job, PredictionClient
 from tests.support import models
@@ -41,3 +43,20 @@ def assert_all_correct(jobs: list[Job], x: np.ndarray, model_path: str) -> None:
     for i, job in enumerate(jobs):
         out = job.get(timeout=180)
         assert np.allclose(out, expected[i : i + 1], atol=1e-5), f"job {i} got another's result"
+
+
+def wait_dead_or_done(worker: WorkerProcess, job: Job, timeout_s: float = 120) -> str:
+    """Block until the worker process exits ("dead") or the job has its outcome ("done")."""
+    give_up = time.monotonic() + timeout_s
+    assert worker.process is not None
+    while time.monotonic() < give_up:
+        if worker.process.poll() is not None:
+            return "dead"
+        try:
+            job.raw_result(timeout=0.2)
+            return "done"
+        except ResultTimeout:
+            continue
+        except PredictqError:
+            return "done"
+    raise AssertionError("neither the worker died nor the job finished")
