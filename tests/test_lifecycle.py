@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,33 @@ F = models.FEATURES
 def private_redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@dataclass(frozen=True)
+class HangModel:
+    """A model whose device call blocks on a HANG sample while ``gate`` exists."""
+
+    gate: Path
+    path: str
+
+    def started(self) -> bool:
+        return Path(f"{self.gate}.started").exists()
+
+
+#: Short timeouts, so that a hung worker's job comes back within seconds.
+HANG_ENV = {
+    "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+    "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
+    "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
+}
+
+
+@pytest.fixture()
+def hang_model(tmp_path: Path) -> Iterator[HangModel]:
+    gate = tmp_path / "gate"
+    gate.touch()
+    yield HangModel(gate, models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate)))
+    gate.unlink(missing_ok=True)  # releases a call still blocked in a worker being stopped
 
 
 def ready_records(server: RedisServer) -> list[dict[str, Any]]:
@@ -129,25 +157,18 @@ def test_a_dead_device_thread_fails_its_job_withdraws_readiness_and_stops_the_wo
 
 
 def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_redelivered(
-    private_redis: RedisServer, tmp_path: Path
+    private_redis: RedisServer, hang_model: HangModel
 ) -> None:
-    gate = tmp_path / "gate"
-    gate.touch()
-    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
-    env = {
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
-        "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
-        "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
-    }
-    hung = worker_on(private_redis, path, concurrency=4, name="hung", env=env)
-    heir = worker_on(private_redis, path, concurrency=4, name="heir", env=env)
+    path = hang_model.path
+    hung = worker_on(private_redis, path, concurrency=4, name="hung", env=HANG_ENV)
+    heir = worker_on(private_redis, path, concurrency=4, name="heir", env=HANG_ENV)
     stuck = np.full((1, F), HANG, np.float32)
     try:
         hung.start().wait_ready()
         assert hung.process is not None
         with client_on(private_redis, visibility_timeout_s=3) as client:
             job = client.submit(stuck)
-            wait_for(lambda: Path(f"{gate}.started").exists(), 60, "the device call to start")
+            wait_for(hang_model.started, 60, "the device call to start")
             signalled = time.monotonic()
             hung.process.send_signal(signal.SIGTERM)
             # Without the shutdown deadline this wait times out: Celery's threads
@@ -155,27 +176,19 @@ def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_r
             assert hung.process.wait(60) == EX_SOFTWARE
             assert time.monotonic() - signalled < 30
             assert "shutdown did not finish within 3s" in hung.log()
-            gate.unlink()  # the device is "fixed": the redelivered job can run
+            hang_model.gate.unlink()  # the device is "fixed": the redelivered job can run
             heir.start().wait_ready()
             assert np.allclose(job.get(timeout=120), models.reference(path, stuck), atol=1e-5)
     finally:
-        gate.unlink(missing_ok=True)
         hung.stop()
         heir.stop()
 
 
 def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_redelivered(
-    private_redis: RedisServer, tmp_path: Path
+    private_redis: RedisServer, hang_model: HangModel
 ) -> None:
-    gate = tmp_path / "gate"
-    gate.touch()
-    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
-    env = {
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
-        "PREDICTQ_DEVICE_TIMEOUT_S": "2",
-        "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
-        "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
-    }
+    path = hang_model.path
+    env = {**HANG_ENV, "PREDICTQ_DEVICE_TIMEOUT_S": "2"}
     hung = worker_on(private_redis, path, concurrency=4, name="wedged", env=env)
     heir = worker_on(private_redis, path, concurrency=4, name="heir", env=env)
     stuck = np.full((1, F), HANG, np.float32)
@@ -184,29 +197,26 @@ def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_rede
         assert hung.process is not None
         with client_on(private_redis, visibility_timeout_s=3) as client:
             job = client.submit(stuck)
-            wait_for(lambda: Path(f"{gate}.started").exists(), 60, "the device call to start")
+            wait_for(hang_model.started, 60, "the device call to start")
             # No signal from outside: the worker notices the hang and stops.
             assert hung.process.wait(60) == EX_SOFTWARE
             assert "over PREDICTQ_DEVICE_TIMEOUT_S=2: the device is hung" in hung.log()
             assert ready_records(private_redis) == []
-            gate.unlink()
+            hang_model.gate.unlink()
             heir.start().wait_ready()
             assert np.allclose(job.get(timeout=120), models.reference(path, stuck), atol=1e-5)
     finally:
-        gate.unlink(missing_ok=True)
         hung.stop()
         heir.stop()
 
 
 @pytest.mark.slow
 def test_a_job_that_hangs_the_device_every_time_ends_as_a_poison_job(
-    private_redis: RedisServer, tmp_path: Path
+    private_redis: RedisServer, hang_model: HangModel
 ) -> None:
-    gate = tmp_path / "gate"
-    gate.touch()  # never released: every attempt hangs
-    path = models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
+    path = hang_model.path  # its gate is never released: every attempt hangs
     env = {
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+        **HANG_ENV,
         "PREDICTQ_DEVICE_TIMEOUT_S": "1",
         "PREDICTQ_SHUTDOWN_TIMEOUT_S": "2",
         "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
