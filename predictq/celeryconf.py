@@ -77,6 +77,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": settings.prefetch_multiplier,
         "worker_concurrency": settings.worker_concurrency,
         "worker_send_task_events": settings.task_events,
+        # Remote control is a broadcast queue in the broker: anyone who can write
+        # to Redis can inspect workers, change their pool or shut them down.
+        "worker_enable_remote_control": settings.remote_control,
         "task_send_sent_event": False,
         "task_track_started": False,
         "worker_hijack_root_logger": True,

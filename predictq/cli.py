@@ -287,13 +287,13 @@ def _write_outputs(outputs: Any, path: str) -> None:
 )
 @click.option("--verbose", "-v", is_flag=True, help="Print the ready workers.")
 def health(any_host: bool, verbose: bool) -> None:
-    """Exit 0 only if a worker has its model loaded and warm (docker healthcheck)."""
-    from predictq.readiness import read_records
+    """Exit 0 only if a worker has its model loaded and warm and is consuming jobs."""
+    from predictq.readiness import serving_records
     from predictq.redis_client import client_from_url
 
     settings = Settings.from_env()
     client = client_from_url(settings.result_backend, socket_timeout_s=3.0)
-    records = read_records(client, hostname=None if any_host else socket.gethostname())
+    records = serving_records(client, hostname=None if any_host else socket.gethostname())
     if verbose:
         for r in records:
             click.echo(
@@ -302,7 +302,7 @@ def health(any_host: bool, verbose: bool) -> None:
             )
     if not records:
         where = "anywhere" if any_host else f"on host {socket.gethostname()}"
-        click.echo(f"unhealthy: no worker with a warm model {where}", err=True)
+        click.echo(f"unhealthy: no worker with a warm model consuming jobs {where}", err=True)
         sys.exit(1)
     click.echo(f"healthy: {len(records)} worker process(es) ready")
 
@@ -342,6 +342,58 @@ def info(load: bool) -> None:
         return
     click.echo(f"model ({source}):")
     click.echo("  " + json.dumps(spec, indent=2).replace("\n", "\n  "))
+
+
+@cli.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect refused broker messages (predictq:dead-letters in the broker's Redis)."""
+
+
+def _dead_letter_store() -> Any:
+    from predictq.deadletters import DeadLetters
+    from predictq.redis_client import client_from_url
+
+    settings = Settings.from_env()
+    return DeadLetters(
+        client_from_url(settings.broker_url),
+        max_entries=settings.dead_letter_max,
+        max_chars=settings.dead_letter_max_bytes,
+    )
+
+
+@dead_letters.command("list")
+@click.option("--limit", type=int, default=50, show_default=True, help="Newest entries to show.")
+def dead_letters_list(limit: int) -> None:
+    """One line per entry, newest first: id, time, reason, task id, queue, detail."""
+    store = _dead_letter_store()
+    for e in store.entries(limit):
+        click.echo(
+            f"{e.entry_id[:12]}  {e.at[:19]}  {e.reason:<12}  {e.task_id or '-'}  "
+            f"{e.queue}  {e.detail[:120]}"
+        )
+    summary = store.summary()
+    click.echo(f"{summary['entries']} dead letter(s): {summary['by_reason']}", err=True)
+
+
+@dead_letters.command("show")
+@click.argument("entry_id")
+def dead_letters_show(entry_id: str) -> None:
+    """The whole entry as JSON (ENTRY_ID may be a unique prefix)."""
+    click.echo(json.dumps(_dead_letter_store().get(entry_id).__dict__, indent=2))
+
+
+@dead_letters.command("requeue")
+@click.argument("entry_id")
+def dead_letters_requeue(entry_id: str) -> None:
+    """Push the message back onto its queue (after fixing the cause) and drop the entry."""
+    entry = _dead_letter_store().requeue(entry_id)
+    click.echo(f"requeued {entry.entry_id} onto {entry.queue}")
+
+
+@dead_letters.command("purge")
+def dead_letters_purge() -> None:
+    """Delete every entry."""
+    click.echo(f"purged {_dead_letter_store().purge()} dead letter(s)")
 
 
 def main() -> None:

@@ -18,15 +18,14 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from typing import Any, Final
 
 import msgpack
 import numpy as np
 from kombu.serialization import register
-from kombu.utils.json import dumps as json_dumps
-from kombu.utils.json import loads as json_loads
 
-from predictq.errors import InvalidInput, PayloadTooLarge
+from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge
 
 SERIALIZER_NAME: Final = "predictq-msgpack"
 CONTENT_TYPE: Final = "application/x-predictq-msgpack"
@@ -35,6 +34,7 @@ JSON_CONTENT_TYPE: Final = "application/json"
 ACCEPT_CONTENT: Final = (CONTENT_TYPE, JSON_CONTENT_TYPE)
 
 NDARRAY_KEY: Final = "__ndarray__"
+_DTYPE_STRING: Final = re.compile(r"[<>=|]?[A-Za-z0-9\[\]]{1,16}")
 ALLOWED_KINDS: Final = frozenset("biuf")
 _KIND_NAMES: Final = "bool, int, uint or float"
 
@@ -77,18 +77,12 @@ def decode_array(obj: dict[Any, Any]) -> np.ndarray[Any, Any]:
     The result shares memory with the message buffer and is read-only.
     """
     try:
-        dtype = np.dtype(obj["dtype"])
-        shape_field = obj["shape"]
-        data = obj["data"]
+        dtype_field, shape_field, data = obj["dtype"], obj["shape"], obj["data"]
     except KeyError as e:
         raise InvalidInput(
             f"ndarray map: expected keys 'dtype', 'shape' and 'data', received {describe(obj)}"
         ) from e
-    except TypeError as e:
-        raise InvalidInput(
-            f"ndarray map: expected a numpy dtype string such as '<f4', "
-            f"received {obj.get('dtype')!r}"
-        ) from e
+    dtype = _checked_dtype(dtype_field)
     check_dtype(dtype, "ndarray map")
     shape = _checked_shape(shape_field)
     if isinstance(data, str):
@@ -106,7 +100,26 @@ def decode_array(obj: dict[Any, Any]) -> np.ndarray[Any, Any]:
             f"ndarray map: shape {list(shape)} of dtype {dtype.str} needs {expected} bytes, "
             f"received {len(data)} bytes"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as e:
+        # e.g. a zero-size array with a dimension beyond numpy's index range.
+        raise InvalidInput(f"ndarray map: shape {list(shape)!r:.100} is not usable: {e}") from e
+
+
+def _checked_dtype(field: object) -> np.dtype[Any]:
+    # Only plain type strings ('<f4', 'float32'): numpy also parses sub-array
+    # and structured forms ('(-1,)f4', '[("a", "<f4")]'), which are no model input.
+    if not isinstance(field, str) or not _DTYPE_STRING.fullmatch(field):
+        raise InvalidInput(
+            f"ndarray map: expected a numpy dtype string such as '<f4', received {field!r:.60}"
+        )
+    try:
+        return np.dtype(field)
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(
+            f"ndarray map: expected a numpy dtype string such as '<f4', received {field!r:.60}"
+        ) from e
 
 
 def _checked_shape(shape: object) -> tuple[int, ...]:
@@ -157,36 +170,24 @@ def loads(body: bytes | bytearray | memoryview, *, max_payload_bytes: int | None
     except (ValueError, msgpack.UnpackException, TypeError) as e:
         # msgpack signals truncated/corrupted data with ValueError subclasses
         # (ExtraData, FormatError, StackError) or UnpackValueError.
-        raise InvalidInput(
+        raise InvalidMessage(
             f"message body: expected {SERIALIZER_NAME} (msgpack) data, "
             f"received {len(body)} bytes that do not decode: {e}"
         ) from e
 
 
-def register_serializer(*, max_payload_bytes: int | None = None) -> None:
-    """Register the serializer with kombu (process-wide, idempotent).
+def register_serializer() -> None:
+    """Register the msgpack serializer with kombu (process-wide, idempotent).
 
-    kombu's registry is global, so the payload limit is per process: workers
-    register with their ``max_payload_bytes``; producers with none (they only
-    decode results written by workers).
+    Size limits are not the codec's business: workers check a message's size
+    where they receive it (``workers.guard``), before anything decodes it, and
+    payloads by reference in ``predictq.payloads``. kombu's own JSON codec is
+    left as it is.
     """
-
-    def decoder(body: bytes) -> Any:
-        return loads(body, max_payload_bytes=max_payload_bytes)
-
-    def json_decoder(body: bytes | str) -> Any:
-        # JSON jobs (any Celery client) obey the same limit, checked before
-        # kombu's JSON parser builds a Python list per number.
-        _check_body_size(body, max_payload_bytes)
-        return json_loads(body)  # type: ignore[no-untyped-call]
-
     register(  # type: ignore[no-untyped-call]
         SERIALIZER_NAME,
         dumps,
-        decoder,
+        loads,
         content_type=CONTENT_TYPE,
         content_encoding="binary",
-    )
-    register(  # type: ignore[no-untyped-call]
-        "json", json_dumps, json_decoder, content_type=JSON_CONTENT_TYPE, content_encoding="utf-8"
     )

@@ -56,7 +56,15 @@ def referenced_key(raw: object, task_id: str) -> str | None:
 
 def fetch(client: redis.Redis, key: str, *, max_bytes: int) -> Any:
     """The decoded input stored at ``key``; refuses oversized payloads before reading them."""
-    size = int(client.strlen(key))
+    try:
+        size = int(client.strlen(key))
+    except redis.ResponseError as e:
+        # WRONGTYPE: something other than a string sits at the job's own key.
+        client.delete(key)
+        raise InvalidInput(
+            f"payload reference: expected a string value at {key!r}, received another Redis "
+            f"type ({e}); the key was deleted"
+        ) from e
     if size == 0:
         raise InvalidInput(
             f"payload reference: expected an input stored at {key!r}, found none "

@@ -87,6 +87,13 @@ class Settings:
         default=256 * 1024 * 1024,
         metadata={"help": "Largest encoded job body; larger ones are refused before decoding."},
     )
+    max_json_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={
+            "help": "Largest JSON job body. JSON is parsed on the worker's one consumer thread "
+            "(~30 MB/s of numbers), so this bounds how long one job can hold up the others."
+        },
+    )
 
     # --- Reliability -------------------------------------------------------
     visibility_timeout_s: float = field(
@@ -109,6 +116,15 @@ class Settings:
             "help": "A device call running longer than this is hung: the worker process stops "
             "and its jobs are redelivered."
         },
+    )
+
+    dead_letter_max: int = field(
+        default=1000,
+        metadata={"help": "Refused messages kept in predictq:dead-letters (oldest dropped)."},
+    )
+    dead_letter_max_bytes: int = field(
+        default=64 * 1024,
+        metadata={"help": "Characters of one refused message kept; longer ones are truncated."},
     )
 
     # --- Device -----------------------------------------------------------
@@ -151,6 +167,13 @@ class Settings:
     task_events: bool = field(
         default=True, metadata={"help": "Send Celery task events (needed by Flower)."}
     )
+    remote_control: bool = field(
+        default=True,
+        metadata={
+            "help": "Answer Celery remote control (inspect, shutdown, pool size) sent through "
+            "the broker; off: Flower shows tasks and heartbeats only."
+        },
+    )
     flower_port: int = field(default=5555, metadata={"help": "Flower HTTP port."})
     flower_basic_auth: str | None = field(
         default=None, metadata={"help": "user:password (comma-separated pairs) for Flower."}
@@ -189,6 +212,14 @@ class Settings:
         _require(self.max_job_samples >= 1, "max_job_samples", self.max_job_samples, ">= 1")
         _require(
             self.max_payload_bytes >= 1024, "max_payload_bytes", self.max_payload_bytes, ">= 1024"
+        )
+        _require(self.max_json_bytes >= 1024, "max_json_bytes", self.max_json_bytes, ">= 1024")
+        _require(self.dead_letter_max >= 1, "dead_letter_max", self.dead_letter_max, ">= 1")
+        _require(
+            self.dead_letter_max_bytes >= 1024,
+            "dead_letter_max_bytes",
+            self.dead_letter_max_bytes,
+            ">= 1024",
         )
         _require(
             self.inline_payload_bytes >= 0,

@@ -32,13 +32,26 @@ def worker_settings() -> Settings:
 
 def _configure() -> dict[str, Any]:
     settings = worker_settings()
-    # Registered before the consumer decodes anything; the payload limit is
-    # checked on the raw body, before msgpack or numpy see it.
-    register_serializer(max_payload_bytes=settings.max_payload_bytes)
+    register_serializer()
     config = celery_config(settings)
-    # Replaces Celery's consumer to answer unreadable messages with a typed
-    # failure result instead of silence (workers/consumer.py).
+    # The message guard: kombu's Redis channel that survives list items that are
+    # not kombu messages (workers/transport.py), and Celery's consumer behind a
+    # check of every header and body (workers/consumer.py, workers/guard.py).
     config["worker_consumer"] = "workers.consumer:PredictqConsumer"
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        config["broker_transport"] = "workers.transport:Transport"
+        config["broker_transport_options"].update(
+            predictq_raw_limit=settings.dead_letter_max_bytes,
+            predictq_max_payload_bytes=settings.max_payload_bytes,
+            predictq_max_json_bytes=settings.max_json_bytes,
+        )
+        if settings.broker_url.startswith("rediss://") and "ssl_" not in settings.broker_url:
+            # Naming the transport class hides the rediss:// scheme from kombu,
+            # which would otherwise pick TLS with these same defaults itself
+            # (kombu.connection.Connection._init_params).
+            import ssl
+
+            config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
     return config
 
 

@@ -1,72 +1,95 @@
-"""A Celery consumer that answers unreadable messages with a typed failure.
+"""Celery's consumer with predictq's message guard in front of its task handler.
 
-Celery drops a message it cannot decode (corrupted body, over-size payload)
-or will not decode (pickle or another content type outside ``accept_content``)
-with a log line only: the producer waiting for that job would wait until its
-timeout. predictq stores a failure result for the message's task id instead, so
-the caller gets ``InvalidInput``/``InvalidMessage`` at once, with a message
-naming what was expected and what arrived. The body is never executed.
+Every message goes through ``workers.guard.check`` before Celery's own
+handler. A refused message is answered, kept and acknowledged, in that order:
+
+1. its caller (when the message has a usable task id) gets the typed error
+   (``InvalidMessage``, ``PayloadTooLarge``, ``DeadlineExceeded``...) as the job's
+   result, and Flower a ``task-failed`` event;
+2. a malformed message goes to the dead-letter list (``predictq.deadletters``);
+3. only then is it acknowledged, so it never comes back, and a crash before
+   this point leaves it in kombu's unacked index to be refused again.
+
+The worker keeps serving in the same process whatever a message contains.
+The consumer also keeps the ``predictq:consuming:<node>`` key alive while its
+event loop runs (``predictq.readiness.ConsumingBeacon``): a worker that cannot
+reach the broker, or reconnects in a loop, is not reported healthy.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
+import redis
 from celery.worker.consumer import Consumer
-from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.utils.json import dumps as kombu_dumps
 
-from predictq.codec import ACCEPT_CONTENT
-from predictq.errors import InvalidMessage, PredictqError
+from predictq.celeryconf import NOOP_TASK, PREDICT_TASK
+from predictq.deadletters import DeadLetters
+from predictq.errors import InvalidMessage
+from predictq.readiness import ConsumingBeacon
+from predictq.redis_client import client_from_url
 from workers import metrics
+from workers.app import worker_settings
+from workers.guard import Policy, Refusal, check, usable_task_id
+from workers.transport import REFUSAL_PROPERTY, raw_envelope
 
 log = logging.getLogger(__name__)
 
-
-def _underlying(exc: BaseException) -> BaseException:
-    """kombu wraps decoder errors in DecodeError(original); unwrap ours."""
-    if isinstance(exc, DecodeError):
-        inner = exc.args[0] if exc.args else None
-        if isinstance(inner, BaseException):
-            return inner
-        if exc.__context__ is not None:
-            return exc.__context__
-    return exc
-
-
-def message_error(message: Any, exc: BaseException) -> PredictqError:
-    """The typed error a caller gets for a message that was refused."""
-    inner = _underlying(exc)
-    if isinstance(inner, PredictqError):
-        return inner
-    content_type = getattr(message, "content_type", None)
-    if isinstance(exc, ContentDisallowed):
-        return InvalidMessage(
-            f"message refused: expected content type {' or '.join(ACCEPT_CONTENT)}, "
-            f"received {content_type!r} (pickle is never accepted); the job was not run"
-        )
-    return InvalidMessage(
-        f"message refused: expected a valid {content_type!r} body and task headers, "
-        f"received one that fails with {type(inner).__name__}: {inner}"
-    )
+#: How often the event loop proves it is running (seconds).
+TICK_S = 1.0
 
 
 class PredictqConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, plus a stored failure result for refused messages."""
+    """Celery's consumer, guarded: no message can stop, wedge or silence it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # kombu 5.7 (Redis transport): after a reconnect, a job that finishes
-        # acknowledges through its message's old channel, whose transport lost
-        # its client, and kombu raises AttributeError ('NoneType' object has no
-        # attribute 'hostname') instead of a connection error. Celery lets only
-        # connection errors through `ack_log_error` ("Couldn't ack", the message
-        # is redelivered after the visibility timeout) and treats anything else
-        # as unrecoverable: the worker would exit whenever Redis restarts under
-        # load. Counting AttributeError as a connection error makes both the ack
-        # and the consumer's restart loop take the recoverable path.
-        known: tuple[type[BaseException], ...] = tuple(self.conninfo.connection_errors)
-        self.connection_errors = (*known, AttributeError)
+        settings = worker_settings()
+        self._policy = Policy(
+            tasks=frozenset({PREDICT_TASK, NOOP_TASK}),
+            max_payload_bytes=settings.max_payload_bytes,
+            max_json_bytes=settings.max_json_bytes,
+        )
+        self._broker_redis = client_from_url(settings.broker_url)
+        self._dead_letters = DeadLetters(
+            self._broker_redis,
+            max_entries=settings.dead_letter_max,
+            max_chars=settings.dead_letter_max_bytes,
+        )
+        self._beacon: ConsumingBeacon | None = None
+        self._beacon_ttl_s = settings.readiness_ttl_s
+        # Beside the readiness records, which `predictq health` reads with it.
+        self._backend_redis = client_from_url(settings.result_backend)
+        self._inner_loop: Any = self.loop  # type: ignore[has-type]
+        self.loop = self._guarded_loop
+
+    def _guarded_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # Runs once per broker connection, for as long as the connection lives.
+        if self._beacon is None:
+            self._beacon = ConsumingBeacon(
+                self._backend_redis, self.hostname, self._beacon_ttl_s, TICK_S
+            )
+        beacon = self._beacon
+        beacon.tick()
+        # Registered after the connection's start: Celery cancels it when this
+        # connection is dropped (Consumer._cancel_connection_timer_entries).
+        entry = self.timer.call_repeatedly(TICK_S, beacon.tick)
+        try:
+            return self._inner_loop(*args, **kwargs)
+        finally:
+            entry.cancel()
+            beacon.lost()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._beacon is not None:
+            self._beacon.close()
+            self._beacon = None
+        self._broker_redis.close()
+        self._backend_redis.close()
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
         try:
@@ -79,35 +102,108 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
             # has no attribute 'hostname'). Celery calls that unrecoverable and
             # the worker exits when Redis restarts. The messages are still in
             # Redis's unacked index and the visibility timeout redelivers them,
-            # so carry on reconnecting.
+            # so carry on reconnecting. Acks on such a channel are handled in
+            # workers/transport.py (GuardedMessage).
             log.warning(
                 "broker connection lost with unacknowledged messages; they are "
                 "redelivered after PREDICTQ_VISIBILITY_TIMEOUT_S",
                 exc_info=True,
             )
 
-    def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        super().on_decode_error(message, exc)
-        self._store_failure(message, exc, "undecodable")
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
 
-    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        super().on_invalid_task(body, message, exc)
-        self._store_failure(message, exc, "invalid")
+        def on_task_received(message: Any) -> None:
+            try:
+                check(message, self._policy)
+                handle(message)
+            except Refusal as refusal:
+                self._refuse(message, refusal)
+            except self.connection_errors:
+                raise
+            except Exception as e:
+                # A case the guard did not foresee, in the guard or in Celery's
+                # handler: refuse the message rather than let the exception end
+                # the consumer (and the message come back to end the next one).
+                log.exception("a message failed the worker's message handling")
+                self._refuse(
+                    message,
+                    Refusal(
+                        "unexpected",
+                        InvalidMessage(
+                            f"message refused: the worker could not read it "
+                            f"({type(e).__name__}: {str(e)[:200]})"
+                        ),
+                        task_id=usable_task_id(message.headers),
+                    ),
+                )
 
-    def _store_failure(self, message: Any, exc: BaseException, reason: str) -> None:
-        metrics.REJECTED_MESSAGES.labels(reason=reason).inc()
-        headers = getattr(message, "headers", None) or {}
-        task_id = headers.get("id") if isinstance(headers, dict) else None
-        if not isinstance(task_id, str) or not task_id:
-            return  # nobody can be waiting for a message without a task id
-        error = message_error(message, exc)
+        return on_task_received
+
+    def _refuse(self, message: Any, refusal: Refusal) -> None:
+        metrics.REFUSED_MESSAGES.labels(reason=refusal.reason).inc()
+        log.warning("refused a message (%s): %s", refusal.reason, refusal.error)
+        if refusal.task_id is not None:
+            self._answer(refusal)
+        if refusal.dead_letter:
+            try:
+                self._dead_letter(message, refusal)
+            except redis.RedisError:
+                # Not kept, so not acknowledged: it stays in the unacked index
+                # and is redelivered (and refused again) after the visibility
+                # timeout.
+                log.exception("could not dead-letter a refused message; leaving it unacked")
+                return
+        message.ack_log_error(log, self.connection_errors)
+
+    def _answer(self, refusal: Refusal) -> None:
+        error = refusal.error
         metrics.JOBS.labels(outcome="failure", error_type=type(error).__name__).inc()
         try:
-            self.app.backend.mark_as_failure(task_id, error)
+            self.app.backend.mark_as_failure(refusal.task_id, error)
         except Exception:
-            log.exception("could not store the failure of refused message %s", task_id)
+            log.exception("could not store the failure of refused message %s", refusal.task_id)
             return
         if self.event_dispatcher is not None:
             self.event_dispatcher.send(
-                "task-failed", uuid=task_id, exception=f"{type(error).__name__}({error})"
+                "task-failed",
+                uuid=refusal.task_id,
+                exception=f"{type(error).__name__}({error})",
             )
+
+    def _dead_letter(self, message: Any, refusal: Refusal) -> None:
+        properties = message.properties or {}
+        quarantined = properties.get(REFUSAL_PROPERTY)
+        info = message.delivery_info or {}
+        queue = str(info.get("routing_key") or worker_settings().queue)
+        if isinstance(quarantined, dict):
+            text = str(quarantined.get("raw", ""))
+            size = int(quarantined.get("raw_chars", len(text)))
+            truncated = size > len(text)
+        else:
+            text, size, truncated = self._envelope_text(message)
+        self._dead_letters.add(
+            message=text,
+            reason=refusal.reason,
+            detail=str(refusal.error),
+            task_id=refusal.task_id,
+            queue=queue,
+            worker=f"{self.hostname} ({socket.gethostname()})",
+            truncated=truncated,
+            size_chars=size,
+        )
+        metrics.DEAD_LETTERS.inc()
+
+    def _envelope_text(self, message: Any) -> tuple[str, int, bool]:
+        """The message as it was in the queue: (JSON text, its length, truncated?)."""
+        envelope = raw_envelope(message)
+        if envelope is None:
+            return "", 0, True
+        limit = worker_settings().dead_letter_max_bytes
+        body = envelope.get("body")
+        if isinstance(body, str) and len(body) > limit:
+            # Not worth serialising a body that is cut anyway (up to 256 MB).
+            cut: str = kombu_dumps({**envelope, "body": body[:limit]})  # type: ignore[no-untyped-call]
+            return cut, len(cut) + len(body) - limit, True
+        text: str = kombu_dumps(envelope)  # type: ignore[no-untyped-call]
+        return text, len(text), False

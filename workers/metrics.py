@@ -38,8 +38,13 @@ _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096
 JOBS: Final = Counter(
     "predictq_jobs", "Jobs finished by this worker process.", ["outcome", "error_type"]
 )
-REJECTED_MESSAGES: Final = Counter(
-    "predictq_rejected_messages", "Broker messages refused before any task ran.", ["reason"]
+REFUSED_MESSAGES: Final = Counter(
+    "predictq_rejected_messages",
+    "Broker messages refused before any task ran, by reason (workers/guard.py).",
+    ["reason"],
+)
+DEAD_LETTERS: Final = Counter(
+    "predictq_dead_letters", "Refused messages pushed to the dead-letter list."
 )
 BATCH_SAMPLES: Final = Histogram(
     "predictq_batch_size_samples", "Samples per device call.", buckets=_BATCH_BUCKETS

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import redis
 
-from predictq.readiness import read_records
+from predictq.readiness import serving_records
 from predictq.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ class WorkerProcess:
             return set()
 
     def records(self) -> list[dict[str, Any]]:
-        """Readiness records of this worker's live processes.
+        """Readiness records of this worker's live processes, while it consumes jobs.
 
         A killed worker's record outlives it until its TTL expires; filtering on
         the live pids keeps a restarted worker from looking ready too early.
@@ -141,7 +141,7 @@ class WorkerProcess:
         try:
             return [
                 r
-                for r in read_records(client)
+                for r in serving_records(client)
                 if r.get("nodename", "").startswith(self.name + "@") and r.get("pid") in pids
             ]
         finally:

@@ -1,0 +1,537 @@
+"""Malformed and hostile broker messages: refused, answered, kept and acked; the worker serves on.
+
+Each case is pushed as raw bytes into the queue of one real threads-pool worker
+(on a private Redis), the way a buggy producer in any language could, and is
+followed by a valid job that the same worker process must answer correctly.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from predictq import codec
+from predictq.celeryconf import PREDICT_TASK
+from predictq.deadletters import DEAD_LETTER_KEY, DeadLetter
+from predictq.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    InvalidMessage,
+    PayloadTooLarge,
+    PredictqError,
+)
+from predictq.redis_server import RedisServer
+from producer import PredictionClient
+from tests.support import models
+from tests.support.cluster import client_on, worker_on
+from tests.support.processes import ROOT, WorkerProcess, base_env
+
+F = models.FEATURES
+QUEUE = "hostile"
+X = np.linspace(0, 1, 2 * F, dtype=np.float32).reshape(2, F)
+JSON_LIMIT = 64 * 1024
+
+
+def headers(task_id: str, **changes: Any) -> dict[str, Any]:
+    """Protocol-2 headers as Celery 5 writes them."""
+    h: dict[str, Any] = {
+        "lang": "py",
+        "task": PREDICT_TASK,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "(...)",
+        "kwargsrepr": "{}",
+        "origin": "test@hostile",
+        "ignore_result": False,
+    }
+    h.update(changes)
+    return h
+
+
+def envelope(
+    task_id: str,
+    body: bytes,
+    *,
+    content_type: Any = codec.CONTENT_TYPE,
+    encoding: Any = "binary",
+    header_changes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A kombu Redis message envelope, as kombu 5.7 LPUSHes it."""
+    return {
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": encoding,
+        "content-type": content_type,
+        "headers": headers(task_id, **(header_changes or {})),
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": str(uuid.uuid4()),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": QUEUE},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def mp_body(args: Any = None, kwargs: Any = None, embed: Any = EMBED) -> bytes:
+    return codec.dumps([[X] if args is None else args, kwargs or {}, embed])
+
+
+def raw_mp(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def nd_map(dtype: str, shape: list[int]) -> dict[str, Any]:
+    return {"__ndarray__": 1, "dtype": dtype, "shape": shape, "data": b""}
+
+
+def js(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def item(env: dict[str, Any]) -> bytes:
+    return json.dumps(env).encode()
+
+
+def changed(task_id: str, body: bytes | None = None, **kw: Any) -> bytes:
+    return item(envelope(task_id, mp_body() if body is None else body, **kw))
+
+
+def edited(task_id: str, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    env = envelope(task_id, mp_body())
+    edit(env)
+    return item(env)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One crafted message, and what its caller gets."""
+
+    make: Callable[[str], bytes]
+    error: type[PredictqError] | None  # None: no usable id, nobody to answer
+    match: str
+    reason: str
+    dead_letter: bool = True
+
+
+def _json_job(task_id: str, value: Any, **header_changes: Any) -> bytes:
+    return changed(
+        task_id,
+        js(value),
+        content_type="application/json",
+        encoding="utf-8",
+        header_changes=header_changes,
+    )
+
+
+def _headers_list(env: dict[str, Any]) -> None:
+    env["headers"] = [["task", PREDICT_TASK]]
+
+
+CASES: dict[str, Case] = {
+    # --- used to kill every worker that received it -------------------------------
+    "task header a list": Case(
+        lambda t: changed(t, header_changes={"task": [PREDICT_TASK]}),
+        InvalidMessage,
+        "expected task predictq.noop or predictq.predict, received \\['predictq.predict'\\]",
+        "unknown_task",
+    ),
+    "id a dict": Case(
+        lambda t: changed(t, header_changes={"id": {"x": t}}), None, "'id'", "headers"
+    ),
+    "timelimit a string": Case(
+        lambda t: changed(t, header_changes={"timelimit": "10"}),
+        InvalidMessage,
+        "expected header 'timelimit' as \\[hard, soft\\]",
+        "headers",
+    ),
+    "timelimit of three items": Case(
+        lambda t: changed(t, header_changes={"timelimit": [1, 2, 3]}),
+        InvalidMessage,
+        "expected header 'timelimit'",
+        "headers",
+    ),
+    "content type null": Case(
+        lambda t: changed(t, content_type=None),
+        InvalidMessage,
+        "expected 'content-type' as a string, received null",
+        "envelope",
+    ),
+    "content type empty with a msgpack body": Case(
+        lambda t: changed(t, content_type=""),
+        InvalidMessage,
+        "expected content type application/x-predictq-msgpack or application/json, received ''",
+        "content_type",
+    ),
+    "body 42": Case(
+        lambda t: changed(t, raw_mp(42)), InvalidMessage, "expected a protocol-2 body", "body"
+    ),
+    "body null": Case(
+        lambda t: changed(t, raw_mp(None)), InvalidMessage, "expected a protocol-2 body", "body"
+    ),
+    "body an object": Case(
+        lambda t: changed(t, raw_mp({"args": [1]})),
+        InvalidMessage,
+        "expected a protocol-2 body",
+        "body",
+    ),
+    "body of one item": Case(
+        lambda t: changed(t, codec.dumps([[X]])),
+        InvalidMessage,
+        "expected a protocol-2 body",
+        "body",
+    ),
+    "body of four items": Case(
+        lambda t: changed(t, codec.dumps([[X], {}, {}, "extra"])),
+        InvalidMessage,
+        "received list of length 4",
+        "body",
+    ),
+    "body empty": Case(
+        lambda t: changed(t, b""), InvalidMessage, "expected a protocol-2 body", "body"
+    ),
+    "json body empty": Case(
+        lambda t: changed(t, b"", content_type="application/json", encoding="utf-8"),
+        InvalidMessage,
+        "expected a protocol-2 body",
+        "body",
+    ),
+    # --- used to kill the worker once and be lost -----------------------------------
+    "envelope not json": Case(lambda t: b"not json {", None, "", "envelope"),
+    "envelope a json list": Case(lambda t: js([1, 2, 3]), None, "", "envelope"),
+    "body not base64": Case(
+        lambda t: edited(t, lambda e: e.update(body="*** not base64 ***")),
+        InvalidMessage,
+        "expected 'body' as base64 text",
+        "envelope",
+    ),
+    # --- used to silence the worker (reconnect loop) -------------------------------
+    "headers without id": Case(
+        lambda t: edited(t, lambda e: e["headers"].pop("id")), None, "", "headers"
+    ),
+    # --- used to be lost silently, or re-run forever ------------------------------
+    "no properties": Case(
+        lambda t: edited(t, lambda e: e.pop("properties")),
+        InvalidMessage,
+        "expected 'properties' as an object, received null",
+        "envelope",
+    ),
+    "no delivery tag": Case(
+        lambda t: edited(t, lambda e: e["properties"].pop("delivery_tag")),
+        InvalidMessage,
+        "expected properties.delivery_tag as a non-empty string",
+        "envelope",
+    ),
+    "unknown body encoding": Case(
+        lambda t: edited(t, lambda e: e["properties"].update(body_encoding="rot13")),
+        InvalidMessage,
+        "expected properties.body_encoding 'base64', received 'rot13'",
+        "envelope",
+    ),
+    "delivery info a string": Case(
+        lambda t: edited(t, lambda e: e["properties"].update(delivery_info="x")),
+        InvalidMessage,
+        "expected properties.delivery_info as an object",
+        "envelope",
+    ),
+    "priority a string": Case(
+        lambda t: edited(t, lambda e: e["properties"].update(priority="high")),
+        InvalidMessage,
+        "expected properties.priority as an integer",
+        "envelope",
+    ),
+    "headers a list": Case(lambda t: edited(t, _headers_list), None, "", "envelope"),
+    "headers null": Case(
+        lambda t: edited(t, lambda e: e.update(headers=None)), None, "", "envelope"
+    ),
+    "headers without task": Case(
+        lambda t: edited(t, lambda e: e["headers"].pop("task")),
+        InvalidMessage,
+        "received None; this worker runs no other task",
+        "unknown_task",
+    ),
+    "kwargs a list": Case(
+        lambda t: changed(t, codec.dumps([[], [X], EMBED])),
+        InvalidMessage,
+        "expected kwargs",
+        "body",
+    ),
+    "embed a string": Case(
+        lambda t: changed(t, mp_body(embed="callbacks")), InvalidMessage, "expected embed", "body"
+    ),
+    "embed with an unknown key": Case(
+        lambda t: changed(t, mp_body(embed={"id": "another", "delivery_info": {}})),
+        InvalidMessage,
+        "expected embed",
+        "body",
+    ),
+    "id an int": Case(lambda t: changed(t, header_changes={"id": 12345}), None, "", "headers"),
+    "id too long": Case(
+        lambda t: changed(t, header_changes={"id": "x" * 300}), None, "", "headers"
+    ),
+    # --- used to reach the caller untyped -----------------------------------------
+    "json ndarray map with a sub-array dtype": Case(
+        lambda t: _json_job(
+            t, [[{"__ndarray__": 1, "dtype": "(-1,)f4", "shape": [1, F], "data": ""}], {}, EMBED]
+        ),
+        InvalidInput,
+        "expected a numpy dtype string such as '<f4', received '\\(-1,\\)f4'",
+        "input",
+        dead_letter=False,
+    ),
+    "msgpack ndarray map with a sub-array dtype": Case(
+        lambda t: changed(t, raw_mp([[nd_map("(-1,)f4", [1, F])], {}, {}])),
+        InvalidInput,
+        "expected a numpy dtype string",
+        "input",
+        dead_letter=False,
+    ),
+    "shape past numpy's range": Case(
+        lambda t: changed(t, raw_mp([[nd_map("<f4", [2**62, 2**62, 0])], {}, {}])),
+        InvalidInput,
+        "is not usable",
+        "input",
+        dead_letter=False,
+    ),
+    "args an int": Case(
+        lambda t: changed(t, raw_mp([7, {}, {}])), InvalidMessage, "expected args", "body"
+    ),
+    "kwargs with int keys": Case(
+        lambda t: changed(t, raw_mp([[], {1: 2}, {}])), InvalidMessage, "string keys", "body"
+    ),
+    "garbage chain": Case(
+        lambda t: changed(t, mp_body(embed={**EMBED, "chain": "x"})),
+        InvalidMessage,
+        "expected embed 'chain'",
+        "body",
+    ),
+    "garbage callbacks": Case(
+        lambda t: changed(t, mp_body(embed={**EMBED, "callbacks": [{"task": 1}]})),
+        InvalidMessage,
+        "expected embed 'callbacks'",
+        "body",
+    ),
+    "unknown task name": Case(
+        lambda t: changed(t, header_changes={"task": "tasks.add"}),
+        InvalidMessage,
+        "received 'tasks.add'",
+        "unknown_task",
+    ),
+    "past expires": Case(
+        lambda t: changed(
+            t, header_changes={"expires": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
+        ),
+        DeadlineExceeded,
+        "expired .* before a worker received it",
+        "expired",
+        dead_letter=False,
+    ),
+    "expires not a time": Case(
+        lambda t: changed(t, header_changes={"expires": "tomorrow"}),
+        InvalidMessage,
+        "expected header 'expires' as an ISO 8601 time",
+        "headers",
+    ),
+    # --- other doors --------------------------------------------------------------
+    "celery.accumulate": Case(
+        lambda t: changed(t, header_changes={"task": "celery.accumulate"}),
+        InvalidMessage,
+        "received 'celery.accumulate'",
+        "unknown_task",
+    ),
+    "celery.chord_unlock": Case(
+        lambda t: changed(t, header_changes={"task": "celery.chord_unlock"}),
+        InvalidMessage,
+        "received 'celery.chord_unlock'",
+        "unknown_task",
+    ),
+    "eta a day ahead": Case(
+        lambda t: changed(
+            t, header_changes={"eta": (datetime.now(UTC) + timedelta(days=1)).isoformat()}
+        ),
+        InvalidMessage,
+        "expected no 'eta'",
+        "eta",
+    ),
+    "gzip-compressed body": Case(
+        lambda t: changed(t, gzip.compress(mp_body()), header_changes={"compression": "gzip"}),
+        InvalidMessage,
+        "expected an uncompressed body",
+        "compressed",
+    ),
+    "json body over its limit": Case(
+        lambda t: _json_job(t, [[[[0] * F] * (JSON_LIMIT // 30)], {}, EMBED]),
+        PayloadTooLarge,
+        "PREDICTQ_MAX_JSON_BYTES",
+        "too_large",
+    ),
+    "pickle": Case(
+        lambda t: changed(t, b"\x80\x04K\x01.", content_type="application/x-python-serialize"),
+        InvalidMessage,
+        "pickle is never accepted",
+        "content_type",
+    ),
+    "msgpack with a utf-8 encoding": Case(
+        lambda t: changed(t, encoding="utf-8"),
+        InvalidMessage,
+        "expected content encoding 'binary'",
+        "content_type",
+    ),
+    "not utf-8 at all": Case(lambda t: b"\xff\xfe\x00garbage", None, "", "envelope"),
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def worker(server: RedisServer, mlp_path: str) -> Iterator[WorkerProcess]:
+    w = worker_on(
+        server,
+        mlp_path,
+        queue=QUEUE,
+        name="hostile",
+        concurrency=4,
+        env={"PREDICTQ_MAX_JSON_BYTES": str(JSON_LIMIT)},
+    ).start()
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: RedisServer, worker: WorkerProcess) -> Iterator[PredictionClient]:
+    with client_on(server, queue=QUEUE, result_timeout_s=30) as c:
+        yield c
+
+
+def dead_letters(server: RedisServer) -> list[DeadLetter]:
+    r = redis.Redis.from_url(server.url(0))
+    try:
+        return [DeadLetter.from_json(x) for x in r.lrange(DEAD_LETTER_KEY, 0, -1)]
+    finally:
+        r.close()
+
+
+def unacked(server: RedisServer) -> dict[bytes, bytes]:
+    r = redis.Redis.from_url(server.url(0))
+    try:
+        return r.hgetall("unacked")  # type: ignore[return-value]
+    finally:
+        r.close()
+
+
+def push(server: RedisServer, raw: bytes) -> None:
+    r = redis.Redis.from_url(server.url(0))
+    try:
+        r.lpush(QUEUE, raw)
+    finally:
+        r.close()
+
+
+def assert_serves(client: PredictionClient, mlp_path: str, worker: WorkerProcess, pid: int) -> None:
+    out = client.predict(X, timeout=30)
+    assert np.allclose(out, models.reference(mlp_path, X), atol=1e-5)
+    assert worker.process is not None and worker.process.poll() is None
+    assert worker.pid == pid
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_malformed_message_is_refused_and_the_same_worker_keeps_serving(
+    name: str, server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    case = CASES[name]
+    pid = worker.pid
+    task_id = str(uuid.uuid4())
+    before = len(dead_letters(server))
+    push(server, case.make(task_id))
+    if case.error is not None:
+        started = time.monotonic()
+        with pytest.raises(case.error, match=case.match) as caught:
+            client.job(task_id).get(timeout=15)
+        assert time.monotonic() - started < 10
+        assert type(caught.value) is case.error
+    # The valid job behind it is answered by the same process: the refusal
+    # (answer, dead letter, ack) happened before it, on the consumer thread.
+    assert_serves(client, mlp_path, worker, pid)
+    letters = dead_letters(server)
+    if case.dead_letter:
+        assert len(letters) == before + 1, worker.log()[-3000:]
+        letter = letters[0]
+        assert letter.reason == case.reason
+        assert letter.queue == QUEUE
+        if case.error is not None:
+            assert letter.task_id == task_id
+        assert letter.message  # the message as it was, for an operator
+    else:
+        assert len(letters) == before
+    assert unacked(server) == {}
+
+
+def test_a_dead_letter_is_requeued_and_purged_with_the_cli(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    task_id = str(uuid.uuid4())
+    push(server, changed(task_id, header_changes={"task": "predictq.nope"}))
+    with pytest.raises(InvalidMessage):
+        client.job(task_id).get(timeout=15)
+    env = base_env(PREDICTQ_BROKER_URL=server.url(0), PREDICTQ_RESULT_BACKEND=server.url(1))
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "predictq.cli", "dead-letters", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
+
+    listing = cli("list")
+    assert task_id in listing and "unknown_task" in listing
+    entry = next(e for e in dead_letters(server) if e.task_id == task_id)
+    shown = json.loads(cli("show", entry.entry_id[:12]))
+    assert shown["task_id"] == task_id
+    assert json.loads(shown["message"])["headers"]["task"] == "predictq.nope"
+    count = len(dead_letters(server))
+    cli("requeue", entry.entry_id)
+    # Refused again by the same worker (the cause is not fixed): one new entry
+    # replaces the requeued one. The valid job queued behind it is answered
+    # only after the consumer thread handled the requeued message.
+    assert_serves(client, mlp_path, worker, worker.pid)
+    assert len(dead_letters(server)) == count
+    assert "purged" in cli("purge")
+    assert dead_letters(server) == []
