@@ -535,3 +535,91 @@ def test_a_dead_letter_is_requeued_and_purged_with_the_cli(
     assert len(dead_letters(server)) == count
     assert "purged" in cli("purge")
     assert dead_letters(server) == []
+
+
+def test_a_payload_key_of_the_wrong_redis_type_fails_alone_and_is_deleted(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    task_id = str(uuid.uuid4())
+    key = f"predictq:payload:{task_id}"
+    r = redis.Redis.from_url(server.url(0))
+    try:
+        r.rpush(key, b"not", b"a", b"string")
+        push(server, changed(task_id, mp_body(args=[{"__payload__": key}])))
+        with pytest.raises(InvalidInput, match="expected a string value at"):
+            client.job(task_id).get(timeout=15)
+        assert not r.exists(key)
+    finally:
+        r.close()
+    assert_serves(client, mlp_path, worker, worker.pid)
+
+
+def test_huge_and_compressed_bodies_are_refused_before_they_are_decoded(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    import zlib
+
+    import psutil
+
+    proc = psutil.Process(worker.pid)
+    rss_before = proc.memory_info().rss
+    # 100 MB of JSON zeros (a 6 GB, 54 s parse before) and a gzip bomb that
+    # unpacks to 256 MB (the worker went to 9.4 GB on a 1 MB one before).
+    zeros = b"[[[" + b"0," * (50 * 1024 * 1024) + b"0]],{},{}]"
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 31)
+    gz = b"".join(bomb.compress(b"\0" * (1 << 20)) for _ in range(256)) + bomb.flush()
+    cases = [
+        (
+            changed(str(uuid.uuid4()), zeros, content_type="application/json", encoding="utf-8"),
+            PayloadTooLarge,
+        ),
+        (changed(str(uuid.uuid4()), gz, header_changes={"compression": "gzip"}), InvalidMessage),
+    ]
+    for raw, error in cases:
+        task_id = json.loads(raw)["headers"]["id"]
+        started = time.monotonic()
+        push(server, raw)
+        with pytest.raises(error):
+            client.job(task_id).get(timeout=60)
+        assert_serves(client, mlp_path, worker, worker.pid)
+        took_s = time.monotonic() - started
+        print(f"{error.__name__}: refused and next job answered in {took_s:.2f}s")
+        assert took_s < 30
+    growth = proc.memory_info().rss - rss_before
+    print(f"worker RSS growth over both: {growth / 2**20:.0f} MiB")
+    assert growth < 1536 * 2**20
+    assert unacked(server) == {}
+
+
+def test_two_workers_on_one_queue_survive_a_burst_of_malformed_messages(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    second = worker_on(
+        server,
+        mlp_path,
+        queue=QUEUE,
+        name="hostile2",
+        concurrency=4,
+        env={"PREDICTQ_REMOTE_CONTROL": "false"},
+    ).start()
+    try:
+        second.wait_ready()
+        pids = (worker.pid, second.pid)
+        for name, case in CASES.items():
+            push(server, case.make(f"{name}-{uuid.uuid4()}"))
+        for _ in range(10):
+            assert_serves(client, mlp_path, worker, pids[0])
+        assert second.process is not None and second.process.poll() is None
+        assert second.pid == pids[1]
+        assert unacked(server) == {}
+        # Remote control off: the second worker does not answer a broadcast
+        # (nor would it a shutdown, sent the same way); the first one does.
+        from celery import Celery
+
+        app = Celery(broker=server.url(0), backend=server.url(1), set_as_current=False)
+        replies = app.control.ping(timeout=3)
+        names = {n for reply in replies for n in reply}
+        assert any(n.startswith("hostile@") for n in names), replies
+        assert not any(n.startswith("hostile2@") for n in names), replies
+    finally:
+        second.stop()

@@ -32,7 +32,7 @@ def test_the_two_newcomer_commands_exist_and_ci_runs_the_test_command() -> None:
 
 
 def test_every_cli_command_in_the_readme_exists() -> None:
-    documented = set(re.findall(r"^predictq (\w+)", README, re.M))
+    documented = set(re.findall(r"^predictq ([\w-]+)", README, re.M))
     assert documented == set(cli.commands)
 
 

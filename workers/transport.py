@@ -260,10 +260,9 @@ class GuardedChannel(kombu_redis.Channel):
         if limit is None or chars <= (limit + 2) // 3 * 4:
             return None
         name = "PREDICTQ_MAX_JSON_BYTES" if is_json else "PREDICTQ_MAX_PAYLOAD_BYTES"
-        return (
-            f"message body: expected at most {limit} bytes ({name}), received about "
-            f"{chars // 4 * 3} bytes"
-        )
+        body: str = payload["body"]
+        size = chars // 4 * 3 - len(body[-2:]) + len(body[-2:].rstrip("="))
+        return f"message body: expected at most {limit} bytes ({name}), received {size} bytes"
 
 
 class Transport(kombu_redis.Transport):
