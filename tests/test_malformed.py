@@ -616,7 +616,14 @@ def test_two_workers_on_one_queue_survive_a_burst_of_malformed_messages(
         # (nor would it a shutdown, sent the same way); the first one does.
         from celery import Celery
 
-        app = Celery(broker=server.url(0), backend=server.url(1), set_as_current=False)
+        from predictq.celeryconf import celery_config
+        from predictq.settings import Settings
+
+        codec.register_serializer()  # replies come in the workers' serializer
+        app = Celery(set_as_current=False)
+        app.conf.update(
+            celery_config(Settings(broker_url=server.url(0), result_backend=server.url(1)))
+        )
         replies = app.control.ping(timeout=3)
         names = {n for reply in replies for n in reply}
         assert any(n.startswith("hostile@") for n in names), replies
