@@ -331,19 +331,26 @@ def test_close_finishes_queued_requests_then_refuses_new_ones(make: Any) -> None
         batcher.submit([rows(0, 1)])
 
 
-def test_batches_of_different_feature_shapes_never_mix(make: Any) -> None:
+def test_jobs_of_different_feature_shapes_run_in_separate_device_calls(make: Any) -> None:
+    gate = threading.Event()
     seen: list[tuple[int, ...]] = []
 
     def shape_model(inputs: list[Array]) -> list[Array]:
+        gate.wait(10)
         seen.append(inputs[0].shape)
         return [inputs[0].sum(axis=1)]
 
     batcher = make(shape_model, max_batch_size=64)
-    a = [batcher.submit([np.ones((1, 3), np.float32)]) for _ in range(3)]
-    b = [batcher.submit([np.ones((1, 5), np.float32)]) for _ in range(3)]
-    assert all(f.result(5)[0][0] == 3 for f in a)
-    assert all(f.result(5)[0][0] == 5 for f in b)
-    assert {s[1] for s in seen} == {3, 5}
+    blocker = batcher.submit([np.ones((1, 7), np.float32)])
+    # Interleaved 3- and 5-feature jobs queue up behind the blocked call.
+    jobs = [batcher.submit([np.ones((1, 3 if i % 2 == 0 else 5), np.float32)]) for i in range(6)]
+    gate.set()
+    assert blocker.result(5)[0][0] == 7
+    for i, f in enumerate(jobs):
+        assert f.result(5)[0][0] == (3 if i % 2 == 0 else 5)
+    # One call per shape, each with all three jobs of that shape: a batcher that mixed them
+    # would fail the concatenation and fall back to six one-row calls.
+    assert seen == [(1, 7), (3, 3), (3, 5)]
 
 
 def test_batch_stats_are_reported_per_device_call(make: Any) -> None:

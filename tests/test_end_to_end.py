@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import pickle
 import subprocess
@@ -96,12 +98,21 @@ def test_a_large_job_travels_by_reference_and_its_stored_input_is_deleted_after(
     client: PredictionClient, redis_server: RedisServer, mlp_path: str
 ) -> None:
     x = rng(7).random((3000, F), dtype=np.float32)  # 192 KB > the 64 KB inline limit
-    job = client.submit(x)
-    key = f"predictq:payload:{job.id}"
-    queued = redis_server.client().lrange("mlp", 0, -1)
-    assert all(len(m) < 4096 for m in queued)  # the message itself stays small
-    assert np.allclose(job.get(timeout=60), models.reference(mlp_path, x), atol=1e-5)
-    assert redis_server.client().exists(key) == 0
+    broker = redis_server.client()
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue="unread-by-reference",  # no worker: the message stays there to be measured
+    ) as held:
+        job = held.submit(x)
+        key = f"predictq:payload:{job.id}"
+        (message,) = broker.lrange("unread-by-reference", 0, -1)
+        assert len(message) < 4096  # the message itself stays small ...
+        assert broker.strlen(key) >= x.nbytes  # ... and the input waits under its own key
+        # Hand the message to the worker's queue, where the worker pops from the right.
+        assert broker.lmove("unread-by-reference", "mlp", "RIGHT", "LEFT") == message
+        assert np.allclose(job.get(timeout=60), models.reference(mlp_path, x), atol=1e-5)
+    assert broker.exists(key) == 0
 
 
 def test_predict_many_keeps_order_and_never_exceeds_max_in_flight(
@@ -213,11 +224,19 @@ def test_a_pickle_message_is_refused_and_never_executed(
     plain = Celery("attacker", broker=redis_server.url(0), set_as_current=False)
     plain.conf.task_serializer = "pickle"
     plain.conf.accept_content = ["pickle"]
-    result = plain.send_task("predictq.predict", args=[Exploit()], queue="mlp")
+    broker = redis_server.client()
+    # Sent where no worker reads, so that the test keeps a copy of what the worker gets.
+    result = plain.send_task("predictq.predict", args=[Exploit()], queue="unread-pickle")
+    (message,) = broker.lrange("unread-pickle", 0, -1)
+    envelope = json.loads(message)
+    assert envelope["content-type"] == "application/x-python-serialize"
+    assert broker.lmove("unread-pickle", "mlp", "RIGHT", "LEFT") == message
     with pytest.raises(InvalidMessage, match=r"application/x-python-serialize.*pickle is never"):
         client.job(result.id).get(timeout=60)
     assert not marker.exists()
-    assert pickle.dumps(1)  # (pickle itself is fine here; the worker just never reads it)
+    # The control: unpickling that very body runs the command, so the check above can fail.
+    pickle.loads(base64.b64decode(envelope["body"]))
+    assert marker.exists()
     # The worker keeps serving.
     assert client.predict(np.ones((1, F), np.float32), timeout=60).shape == (1, 4)
     plain.close()

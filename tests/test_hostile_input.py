@@ -17,7 +17,6 @@ import msgpack
 import numpy as np
 import pytest
 from celery import Celery
-from kombu.serialization import register
 from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.codec import CONTENT_TYPE
@@ -35,29 +34,17 @@ def _nd(dtype: str, shape: list[int], data: bytes) -> dict[str, Any]:
     return {"__ndarray__": 1, "dtype": dtype, "shape": shape, "data": data}
 
 
-# Serializers a hostile client might use: our content type with raw msgpack
-# (crafted maps), our content type with garbage, and content types we refuse.
-register(
-    "raw-msgpack",
-    lambda v: msgpack.packb(v, use_bin_type=True),
-    msgpack.unpackb,
-    content_type=CONTENT_TYPE,
-    content_encoding="binary",
-)
-register(
-    "corrupt-msgpack",
-    lambda v: b"\x93\xc1\xc1 not msgpack",
-    msgpack.unpackb,
-    content_type=CONTENT_TYPE,
-    content_encoding="binary",
-)
-register(
-    "unknown-type",
-    lambda v: json.dumps(v).encode(),
-    json.loads,
-    content_type="application/x-something-else",
-    content_encoding="utf-8",
-)
+# Encodings a hostile client might use: our content type with raw msgpack (crafted
+# maps), our content type with garbage, JSON, and a content type we refuse. The test
+# encodes each body itself and publishes it as is: kombu's serializer registry is
+# process-wide (the producer decodes results with it), so the tests leave it alone.
+Encoder = Callable[[Any], bytes]
+ENCODINGS: dict[str, tuple[str, str, Encoder]] = {
+    "raw-msgpack": (CONTENT_TYPE, "binary", lambda v: msgpack.packb(v, use_bin_type=True)),
+    "corrupt-msgpack": (CONTENT_TYPE, "binary", lambda v: b"\x93\xc1\xc1 not msgpack"),
+    "json": ("application/json", "utf-8", lambda v: json.dumps(v).encode()),
+    "unknown-type": ("application/x-something-else", "utf-8", lambda v: json.dumps(v).encode()),
+}
 
 
 @dataclass(frozen=True)
@@ -199,9 +186,9 @@ CASES: dict[str, Case] = {
 }
 
 
-def publish_raw(app: Celery, case: Case) -> str:
+def publish_raw(app: Celery, case: Case, task_id: str | None = None) -> str:
     """Publish a protocol-2 task message, headers and body as crafted by ``case``."""
-    task_id = str(uuid.uuid4())
+    task_id = task_id or str(uuid.uuid4())
     args = case.args
     if case.serializer == "json":
         # A case may name its own payload key, which depends on the task id.
@@ -210,13 +197,16 @@ def publish_raw(app: Celery, case: Case) -> str:
         task_id, "predictq.predict", args, case.kwargs or {}
     )
     headers.update(case.headers or {})
+    content_type, content_encoding, encode = ENCODINGS[case.serializer]
     with app.producer_or_acquire() as producer:
+        # With a content type given, kombu sends the bytes as they are.
         app.amqp.send_task_message(
             producer,
             "predictq.predict",
-            (headers, properties, body, sent_event),
+            (headers, properties, encode(body), sent_event),
             queue="mlp",
-            serializer=case.serializer,
+            content_type=content_type,
+            content_encoding=content_encoding,
         )
     return task_id
 
@@ -315,18 +305,9 @@ def test_an_oversized_referenced_payload_is_refused_before_it_is_read(
     hostile: Celery, redis_server: RedisServer, client: PredictionClient
 ) -> None:
     task_id = str(uuid.uuid4())
-    redis_server.client().set(f"predictq:payload:{task_id}", b"\0" * (2 * 1024 * 1024))
-    headers, properties, body, sent_event = hostile.amqp.create_task_message(
-        task_id, "predictq.predict", ({"__payload__": f"predictq:payload:{task_id}"},), {}
-    )
-    with hostile.producer_or_acquire() as producer:
-        hostile.amqp.send_task_message(
-            producer,
-            "predictq.predict",
-            (headers, properties, body, sent_event),
-            queue="mlp",
-            serializer="json",
-        )
+    key = f"predictq:payload:{task_id}"
+    redis_server.client().set(key, b"\0" * (2 * 1024 * 1024))
+    publish_raw(hostile, Case(({"__payload__": key},), serializer="json"), task_id)
     with pytest.raises(PayloadTooLarge, match=r"expected at most 1048576 bytes .* 2097152 bytes"):
         client.job(task_id).get(timeout=60)
     assert client.predict(VALID, timeout=60).shape == (2, 4)

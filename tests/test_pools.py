@@ -14,7 +14,7 @@ import pytest
 from predictq.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
-from tests.support.processes import WorkerProcess
+from tests.support.processes import WorkerProcess, is_dead
 
 
 @pytest.fixture()
@@ -115,5 +115,11 @@ def test_prefork_pool_loads_once_per_child_and_never_in_the_parent(
         # The parent never imported TensorFlow (it is not fork-safe).
         parent_maps = Path(f"/proc/{worker.pid}/maps").read_text()
         assert "libtensorflow" not in parent_maps
+        # The worker leads a process group of its own, with its children, so that kill()
+        # reaches them without relying on Celery's PDEATHSIG.
+        group = worker.group()
+        assert {p.pid for p in group} == children | {worker.pid}
+        worker.kill()
+        assert all(is_dead(p) for p in group)
     finally:
         worker.stop()

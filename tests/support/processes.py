@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,6 +61,14 @@ def wait_for(
         time.sleep(0.05)
 
 
+def is_dead(process: psutil.Process) -> bool:
+    """Gone, or a zombie waiting for its parent."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 class WorkerProcess:
     """`predictq worker` as a subprocess, with its log captured to a file."""
 
@@ -108,8 +117,15 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start the process (returns at once; see ``wait_ready``)."""
         with open(self.log_path, "ab") as log:
+            # In a session (and process group) of its own, so that kill() reaches
+            # prefork children too.
             self.process = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
             )
         return self
 
@@ -129,6 +145,16 @@ class WorkerProcess:
             return {self.pid} | {c.pid for c in psutil.Process(self.pid).children()}
         except psutil.NoSuchProcess:
             return set()
+
+    def group(self) -> list[psutil.Process]:
+        """The live processes in this worker's process group: it and its pool children."""
+        assert self.process is not None
+        members = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):  # gone since it was listed
+                if os.getpgid(p.pid) == self.process.pid:
+                    members.append(p)
+        return members
 
     def records(self) -> list[dict[str, Any]]:
         """Readiness records of this worker's live processes, while it consumes jobs.
@@ -172,11 +198,17 @@ class WorkerProcess:
         return self.process.wait(timeout_s)
 
     def kill(self) -> None:
-        """SIGKILL the worker process (and, for prefork, its children via the group)."""
+        """SIGKILL the worker's whole process group (prefork children too); wait until dead."""
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.kill()
+        if self.process.returncode is not None:
+            return  # already reaped: its pid, and so the group id, may belong to another now
+        members = self.group()
+        with contextlib.suppress(ProcessLookupError):  # the group is already empty
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(30)
+        wait_for(
+            lambda: all(is_dead(p) for p in members), 30, f"worker {self.name}'s processes to die"
+        )
 
     def stop(self) -> None:
         """Best-effort cleanup for fixtures."""
