@@ -122,8 +122,10 @@ end
 local out, bytes = {nxt, 0}, 0
 for _, item in ipairs(items) do
   bytes = bytes + #item
-  local id = string.match(item, '"correlation_id": "([^"]+)"', math.max(1, #item - 2048))
-  if id then out[#out + 1] = id end
+  -- Plain finds (memchr-fast); a pattern match costs ~25 ns per byte searched.
+  local _, e = string.find(item, '"correlation_id": "', math.max(1, #item - 2048), true)
+  local q = e and string.find(item, '"', e + 1, true)
+  if q then out[#out + 1] = string.sub(item, e + 1, q - 1) end
 end
 out[2] = bytes
 return out
@@ -139,7 +141,7 @@ class TaskIdReader:
     Calls are not atomic together: see ``ids`` for what that guarantees.
     """
 
-    def __init__(self, client: redis.Redis, *, chunk_bytes: int = 256 * 1024) -> None:
+    def __init__(self, client: redis.Redis, *, chunk_bytes: int = 128 * 1024) -> None:
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be an integer >= 1, got {chunk_bytes!r}")
         self._script = client.register_script(_READ_IDS)

@@ -45,9 +45,7 @@ def queue(server: RedisServer) -> Iterator[str]:
 
 @pytest.fixture()
 def client(server: RedisServer, queue: str) -> Iterator[PredictionClient]:
-    with PredictionClient(
-        broker_url=server.url(0), result_backend=server.url(1), queue=queue
-    ) as c:
+    with PredictionClient(broker_url=server.url(0), result_backend=server.url(1), queue=queue) as c:
         yield c
 
 
