@@ -1,7 +1,8 @@
 """Plain redis-py clients for the side channels (readiness, delivery counts, queue length).
 
 Celery and kombu own the job and result traffic; these clients only touch
-predictq's own small keys and ``LLEN`` of the queue.
+predictq's own small keys and ``LLEN`` of the queue (whose key names are
+kombu's: predictq/kombu_layout.py).
 """
 
 from __future__ import annotations
@@ -23,9 +24,3 @@ def client_from_url(url: str, *, socket_timeout_s: float = 5.0) -> redis.Redis:
         retry_on_timeout=True,
     )
 
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu uses for ``queue`` (one per priority step)."""
-    # kombu's Redis transport keeps a list per priority step, named
-    # `queue` for priority 0 and `queue\x06\x16N` for the others.
-    return [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]

@@ -1,8 +1,8 @@
 """The Python producer: submit prediction jobs to Redis and read results back.
 
 ``PredictionClient`` is thread-safe and meant to be shared: many threads submit
-through one Celery producer pool, and one collector thread delivers every
-result (producer/collector.py).
+(one LPUSH each, producer/publisher.py), and one collector thread delivers
+every result (producer/collector.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from predictq.errors import (
     QueueFull,
     TooManyInFlight,
 )
-from predictq.redis_client import client_from_url, queue_keys
+from predictq.kombu_layout import queue_keys
+from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from producer import wire
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector

@@ -6,9 +6,10 @@ crash) loses that message for good, and late acknowledgement cannot help. The
 producer still holds every unfinished job's input, so it can repair that:
 
 * jobs older than ``lost_after_s`` (the visibility timeout: by then kombu has
-  redelivered whatever it knew about) are looked up with one Lua script that
-  scans the queue lists and the unacknowledged hash atomically, matching the
-  task id near the end of each message (kombu's ``correlation_id`` property);
+  redelivered whatever it knew about) are looked for in the unacknowledged
+  hash, the queue lists, and the hash again, read in chunks of bounded size
+  (predictq/kombu_layout.py ``TaskIdReader``) so that a deep queue never blocks
+  Redis for long;
 * a job found nowhere in two consecutive sweeps, and with no stored result, is
   published again under the same task id.
 
@@ -26,44 +27,9 @@ from collections.abc import Callable, Sequence
 
 import redis
 
+from predictq.kombu_layout import UNACKED_KEY, TaskIdReader
+
 log = logging.getLogger(__name__)
-
-# KEYS: the queue lists, then kombu's unacked hash. ARGV: task ids.
-# Returns the ids found in none of them. Scans in small chunks so that large
-# messages are never all copied into Lua memory at once.
-_FIND_MISSING = """
-local wanted, left = {}, #ARGV
-for _, id in ipairs(ARGV) do wanted[id] = true end
-local function check(item)
-  local tail = string.sub(item, math.max(1, #item - 2048))
-  local id = string.match(tail, '"correlation_id": "([^"]+)"')
-  if id and wanted[id] then wanted[id] = nil; left = left - 1 end
-end
-for _, key in ipairs(KEYS) do
-  if left == 0 then break end
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'list' then
-    local n, i = redis.call('LLEN', key), 0
-    while i < n and left > 0 do
-      for _, item in ipairs(redis.call('LRANGE', key, i, i + 7)) do check(item) end
-      i = i + 8
-    end
-  elseif kind == 'hash' then
-    local cursor = '0'
-    repeat
-      local res = redis.call('HSCAN', key, cursor, 'COUNT', 8)
-      cursor = res[1]
-      for j = 2, #res[2], 2 do check(res[2][j]) end
-    until cursor == '0' or left == 0
-  end
-end
-local missing = {}
-for id, _ in pairs(wanted) do table.insert(missing, id) end
-return missing
-"""
-
-#: kombu's Redis transport keeps reserved messages in this hash (``unacked_key``).
-UNACKED_KEY = "unacked"
 
 
 class LostJobRecovery:
@@ -78,13 +44,12 @@ class LostJobRecovery:
         results_exist: Callable[[list[str]], list[bool]],
         republish: Callable[[str], None],
     ) -> None:
-        self._broker = broker
-        self._keys = [*queue_keys, UNACKED_KEY]
+        self._queue_keys = list(queue_keys)
         self._lost_after_s = lost_after_s
         self._interval_s = max(0.5, min(60.0, lost_after_s / 4))
         self._results_exist = results_exist
         self._republish = republish
-        self._script = broker.register_script(_FIND_MISSING)
+        self._reader = TaskIdReader(broker)
         # _lock guards _jobs. Invariant: a task id is in _jobs from its first
         # publish until forget(); `suspect` holds ids missing in the last sweep.
         self._lock = threading.Lock()
@@ -125,10 +90,7 @@ class LostJobRecovery:
             old = [t for t, at in self._jobs.items() if now - at > self._lost_after_s]
         if not old:
             return []
-        missing: set[str] = set()
-        for start in range(0, len(old), 500):
-            found = self._script(keys=self._keys, args=old[start : start + 500])
-            missing.update(m.decode() if isinstance(m, bytes) else str(m) for m in found)
+        missing = self._missing(set(old))
         with self._lock:
             confirmed = [t for t in missing if t in self._suspect and t in self._jobs]
             self._suspect = missing
@@ -147,3 +109,33 @@ class LostJobRecovery:
             self.republished += 1
             self.track(task_id)
         return lost
+
+    def _missing(self, wanted: set[str]) -> set[str]:
+        """The ids in ``wanted`` found neither reserved nor queued.
+
+        Why two sweeps: no read can see a message while a worker holds it
+        between BRPOP and recording it as reserved (microseconds), so one
+        sweep may report a job that is merely moving. A job that is really
+        lost is missing in every sweep; a moving one is found again in the
+        next sweep, ``interval_s`` later.
+
+        Why chunked reads are safe with that: they are not atomic together,
+        so a message may also move while the sweep reads. A message that stays
+        in one place is always found (``TaskIdReader.ids``), and each single
+        move is caught by the order of reads: a reservation (list -> hash)
+        before the lists were read past it leaves it in the hash for the last
+        read; a restore (hash -> list, either end) after the first hash read
+        passed it leaves it in the list, read whole, or it was in the hash
+        when that read passed it. So a chunked sweep misses only what an
+        atomic one would (a message in a worker's hands) or a message moving
+        twice within one sweep, and a job is declared lost only if that
+        happens in two consecutive sweeps; even then it runs twice, never
+        wrongly. Reading the (small) hash twice is what makes one move safe.
+        """
+        left = set(wanted)
+        for key in [UNACKED_KEY, *self._queue_keys, UNACKED_KEY]:
+            for ids in self._reader.ids(key):
+                left.difference_update(ids)
+                if not left:
+                    return left
+        return left
