@@ -56,9 +56,15 @@ class PredictTask(Task):  # type: ignore[misc]
 
 
 def _forget_payload(args: Any, kwargs: Any, task_id: str) -> None:
-    if args and isinstance(args, list | tuple):
-        with contextlib.suppress(ModelNotReady, Requeue):
-            current_runtime().forget_payload(args[0], task_id)
+    # Wherever the input was passed (positional or `inputs=`), even by a call
+    # with the wrong arguments: a payload it references is not needed again.
+    candidates = list(args or ())[:1]
+    if isinstance(kwargs, dict) and "inputs" in kwargs:
+        candidates.append(kwargs["inputs"])
+    with contextlib.suppress(ModelNotReady, Requeue):
+        runtime = current_runtime()
+        for raw in candidates:
+            runtime.forget_payload(raw, task_id)
 
 
 def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
