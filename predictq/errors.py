@@ -76,6 +76,12 @@ class BrokerUnavailable(PredictqError):
     retryable = True
 
 
+class Requeue(PredictqError):
+    """Internal to workers: hand the job back to the queue (it did nothing wrong); no result."""
+
+    retryable = True
+
+
 class QueueFull(PredictqError):
     """The queue is at ``PREDICTQ_MAX_QUEUE_LENGTH``; the job was not sent."""
 
@@ -114,6 +120,7 @@ __all__ = [
     "PredictionError",
     "PredictqError",
     "QueueFull",
+    "Requeue",
     "ResultTimeout",
     "TooManyInFlight",
     "WorkerLost",

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, ModelNotReady, PredictionError
+from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, PredictionError, Requeue
 from workers.arrivals import wait_for_more_s
 from workers.batcher import Batcher, BatchStats
 
@@ -223,34 +223,22 @@ def test_a_request_past_its_deadline_is_dropped_not_run(make: Any) -> None:
     assert sum(model.batches) == 2  # the late request never reached the model
 
 
-def test_isolated_requests_run_alone_and_before_run_can_refuse_them(make: Any) -> None:
+def test_isolated_requests_run_alone(make: Any) -> None:
     gate = threading.Event()
     model = FakeModel(gate=gate)
     batcher = make(model, max_batch_size=64)
     blocker = batcher.submit([rows(0, 1)])
     assert model.entered.wait(5)
     normal = [batcher.submit([rows(i, 1)]) for i in range(4)]
-    calls: list[str] = []
-    alone = batcher.submit(
-        [rows(9, 3)],
-        isolated=True,
-        before_run=lambda: calls.append("ran"),
-        after_run=lambda: calls.append("survived"),
-    )
-
-    def refuse() -> None:
-        raise ModelNotReady("refused by hook")
-
-    refused = batcher.submit([rows(9, 1)], isolated=True, before_run=refuse)
+    alone = batcher.submit([rows(9, 3)], isolated=True)
+    also_alone = batcher.submit([rows(20, 1)], isolated=True)
     gate.set()
     blocker.result(5)
     for f in normal:
         f.result(5)
     assert np.array_equal(alone.result(5)[0], rows(9, 3) * 2)
-    with pytest.raises(ModelNotReady, match="refused by hook"):
-        refused.result(5)
-    assert calls == ["ran", "survived"]
-    assert model.batches == [1, 4, 3]
+    assert np.array_equal(also_alone.result(5)[0], rows(20, 1) * 2)
+    assert model.batches == [1, 4, 3, 1]
 
 
 def test_the_wait_for_more_jobs_ends_at_once_when_none_is_announced(make: Any) -> None:
@@ -299,22 +287,32 @@ def test_waiting_is_worth_it_only_when_another_job_is_expected() -> None:
     assert wait_for_more_s(incoming=3, gap_s=0.0, since_last_s=0, remaining_s=0.0) == 0
 
 
-def test_a_crashing_device_thread_fails_every_pending_request() -> None:
+def test_a_crashing_device_thread_fails_its_batch_and_hands_back_the_queued_ones() -> None:
     gate = threading.Event()
+    entered = threading.Event()
 
     def crash(inputs: list[Array]) -> list[Array]:
+        entered.set()
         gate.wait(5)
         raise SystemExit("the device thread dies")  # not an Exception: escapes per-request handling
 
     batcher = Batcher(crash, max_batch_size=1, batch_wait_ms=0)
     batcher.start()
-    futures = [batcher.submit([rows(i, 1)]) for i in range(5)]
+    running = batcher.submit([rows(0, 1)])
+    assert entered.wait(5)
+    queued = [batcher.submit([rows(i, 1)]) for i in range(1, 5)]
+    assert batcher.crash is None
     gate.set()
-    for f in futures:
-        with pytest.raises(PredictionError, match="device thread crashed"):
+    with pytest.raises(PredictionError, match="device thread crashed"):
+        running.result(5)
+    # They did nothing wrong: the task hands them back to the queue.
+    for f in queued:
+        with pytest.raises(Requeue, match="crashed before this job ran"):
             f.result(5)
-    with pytest.raises(ModelNotReady):
+    with pytest.raises(Requeue):
         batcher.submit([rows(0, 1)])
+    assert batcher.wait_ended(5)
+    assert isinstance(batcher.crash, SystemExit)
 
 
 def test_close_finishes_queued_requests_then_refuses_new_ones(make: Any) -> None:
@@ -327,7 +325,7 @@ def test_close_finishes_queued_requests_then_refuses_new_ones(make: Any) -> None
     gate.set()
     closer.join(10)
     assert [f.result(0)[0][0, 0] for f in futures] == [2 * i for i in range(7)]
-    with pytest.raises(ModelNotReady, match="shutting down"):
+    with pytest.raises(Requeue, match="stopping"):
         batcher.submit([rows(0, 1)])
 
 

@@ -35,7 +35,7 @@ from tests.support.cluster import (
 from tests.support.crash import CRASH
 from tests.support.layers import HANG
 from tests.support.processes import ROOT, base_env, wait_for
-from workers.fatal import EX_CONFIG, EX_SOFTWARE
+from workers.lifecycle import EX_CONFIG, EX_SOFTWARE
 
 F = models.FEATURES
 

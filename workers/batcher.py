@@ -9,9 +9,12 @@ outputs back to each job.
 Invariants (each has a test in tests/test_batcher.py):
 
 * Only the device thread calls ``run``: device access is serialized per process.
+* The device thread does no I/O but the device call: whatever a job needs from
+  Redis happens on the job's own thread, before ``submit`` or after its result.
 * Every submitted request ends with its result or its own exception, never a
   hang: per-request errors are caught around each call, and if the device thread
-  itself dies, every pending request is failed before the thread exits.
+  itself dies, the batch it was running fails and every queued request is handed
+  back with ``Requeue`` before the thread exits.
 * A failing multi-request batch is retried request by request, so one bad job
   cannot fail its neighbours; an out-of-memory batch is split in halves, down to
   one sample, before a request fails with ``DeviceOutOfMemory``.
@@ -34,24 +37,90 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from predictq.errors import (
     DeadlineExceeded,
     DeviceOutOfMemory,
-    ModelNotReady,
     PredictionError,
     PredictqError,
+    Requeue,
 )
 from workers.arrivals import ArrivalTracker
-from workers.pieces import Array, BatchStats, Piece, Request
 
-__all__ = ["BatchStats", "Batcher"]
+__all__ = ["Array", "BatchStats", "Batcher"]
 
 log = logging.getLogger(__name__)
 
+Array = np.ndarray[Any, Any]
 RunFn = Callable[[list[Array]], list[Array]]
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one device call did, for metrics."""
+
+    samples: int
+    requests: int
+    device_s: float
+    oldest_wait_s: float
+
+
+class _Request:
+    """One submitted job: its future and the outputs of its pieces, by sample offset."""
+
+    def __init__(self, n: int, deadline: float | None) -> None:
+        self.future: Future[list[Array]] = Future()
+        self.n = n
+        self.deadline = deadline
+        self.submitted_at = time.monotonic()
+        self._parts: dict[int, list[Array]] = {}
+        self._received = 0
+
+    def deliver(self, offset: int, outputs: list[Array]) -> None:
+        if self.future.done():
+            return
+        self._parts[offset] = outputs
+        self._received += outputs[0].shape[0]
+        if self._received < self.n:
+            return
+        ordered = [self._parts[k] for k in sorted(self._parts)]
+        if len(ordered) == 1:
+            self.future.set_result(ordered[0])
+        else:
+            self.future.set_result([np.concatenate(cols) for cols in zip(*ordered, strict=True)])
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class _Piece:
+    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
+
+    request: _Request
+    offset: int
+    inputs: list[Array]
+    isolated: bool
+    signature: tuple[tuple[int, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = tuple(a.shape[1:] for a in self.inputs)
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def halves(self) -> tuple[_Piece, _Piece]:
+        k = self.n // 2
+        return (
+            _Piece(self.request, self.offset, [a[:k] for a in self.inputs], self.isolated),
+            _Piece(self.request, self.offset + k, [a[k:] for a in self.inputs], self.isolated),
+        )
 
 
 class Batcher:
@@ -64,7 +133,6 @@ class Batcher:
         max_batch_size: int,
         batch_wait_ms: float,
         on_batch: Callable[[BatchStats], None] | None = None,
-        on_crash: Callable[[BaseException], None] | None = None,
         on_isolate: Callable[[int], None] | None = None,
         name: str = "predictq-device",
     ) -> None:
@@ -75,20 +143,24 @@ class Batcher:
         self._run = run
         self._max = max_batch_size
         self._wait_s = batch_wait_ms / 1000.0
+        # Metrics only: cheap, in memory, never raise (they run on the device thread).
         self._on_batch = on_batch
-        self._on_crash = on_crash
         self._on_isolate = on_isolate
         # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
         # _queue only while not _closed, and leaves it only on the device
         # thread, so after close() + join() nothing can be left pending.
         self._cond = threading.Condition()
-        self._queue: deque[Piece] = deque()
+        self._queue: deque[_Piece] = deque()
         self._incoming = 0
         self._closed = False
         self._arrivals = ArrivalTracker()  # guarded by _cond too
         # Written only by the device thread; read without a lock by a watchdog
         # (a float assignment is atomic under the GIL).
         self._call_started: float | None = None
+        # Set by the device thread as it ends (closed and drained, or crashed);
+        # `_crash` is written before it, and never after.
+        self._ended = threading.Event()
+        self._crash: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
@@ -99,6 +171,15 @@ class Batcher:
         """How long the device call in progress has run (0 when none is)."""
         started = self._call_started
         return 0.0 if started is None else now - started
+
+    def wait_ended(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for the device thread to end; True once it has."""
+        return self._ended.wait(timeout_s)
+
+    @property
+    def crash(self) -> BaseException | None:
+        """What killed the device thread, if it died (None while it runs, or closed cleanly)."""
+        return self._crash
 
     @property
     def max_batch_size(self) -> int:
@@ -122,34 +203,24 @@ class Batcher:
                 self._cond.notify_all()
 
     def submit(
-        self,
-        inputs: Sequence[Array],
-        *,
-        deadline: float | None = None,
-        isolated: bool = False,
-        before_run: Callable[[], None] | None = None,
-        after_run: Callable[[], None] | None = None,
+        self, inputs: Sequence[Array], *, deadline: float | None = None, isolated: bool = False
     ) -> Future[list[Array]]:
         """Queue one request; the future holds its outputs (one array per model output).
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped with ``DeadlineExceeded`` instead of run. ``isolated`` requests run
-        in batches of their own. ``before_run`` is called on the device thread
-        right before the request's first device call; if it raises, the request
-        fails with that error and is not run. ``after_run`` is called on the
-        device thread once all the request's device calls returned, before the
-        next batch starts; if it raises, the request fails with that error.
+        in batches of their own. Raises ``Requeue`` once the batcher is closed.
         """
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
-        request = Request(n, deadline, before_run, after_run)
+        request = _Request(n, deadline)
         pieces = [
-            Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
+            _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
             for start in range(0, n, self._max)
         ]
         with self._cond:
             if self._closed:
-                raise ModelNotReady("the worker is shutting down and takes no new jobs")
+                raise Requeue("the worker process is stopping and takes no new jobs")
             self._arrivals.arrived(request.submitted_at)
             self._queue.extend(pieces)
             self._cond.notify_all()
@@ -159,7 +230,8 @@ class Batcher:
         """Stop taking requests, finish the queued ones, join the device thread.
 
         Returns False if the thread did not finish within ``timeout_s``; then the
-        requests still queued are failed so that no caller waits forever.
+        requests still queued are handed back (``Requeue``) so that no caller
+        waits forever.
         """
         with self._cond:
             self._closed = True
@@ -167,14 +239,14 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         if self._thread.is_alive():
-            self._fail_queued(ModelNotReady("the worker shut down before this job ran"))
+            self._requeue_queued("the worker process stopped before this job ran")
             return False
         return True
 
     # --- device thread ---------------------------------------------------------
 
     def _loop(self) -> None:
-        batch: list[Piece] = []
+        batch: list[_Piece] = []
         try:
             while True:
                 batch = self._next_batch()
@@ -183,27 +255,31 @@ class Batcher:
                 self._run_batch(batch)
                 batch = []
         except BaseException as e:
-            # Invariant "never a hang": whatever killed the loop, fail every
-            # request it was responsible for, and refuse new ones. Not re-raised:
-            # there is nobody above this thread to handle it.
-            log.exception("device thread crashed; failing all pending jobs")
+            # Invariant "never a hang": whatever killed the loop, end every
+            # request it was responsible for, and refuse new ones. The batch it
+            # was running fails (one of its jobs may be the cause); the queued
+            # ones did nothing wrong and go back to the queue for another
+            # process. Not re-raised: nobody is above this thread; whoever
+            # supervises it learns of it through wait_ended() and crash.
+            log.exception("device thread crashed; requeueing the jobs that had not run")
             error = PredictionError(f"the device thread crashed: {e!r}")
             for piece in batch:
                 piece.request.fail(error)
             with self._cond:
                 self._closed = True
-            self._fail_queued(error)
-            if self._on_crash is not None:
-                self._on_crash(e)
+            self._requeue_queued("the device thread crashed before this job ran")
+            self._crash = e
+        finally:
+            self._ended.set()
 
-    def _fail_queued(self, error: BaseException) -> None:
+    def _requeue_queued(self, why: str) -> None:
         with self._cond:
             pending = list(self._queue)
             self._queue.clear()
         for piece in pending:
-            piece.request.fail(error)
+            piece.request.fail(Requeue(why))
 
-    def _next_batch(self) -> list[Piece]:
+    def _next_batch(self) -> list[_Piece]:
         """Block for the first piece, then fill; empty only when closed and drained."""
         with self._cond:
             while not self._queue:
@@ -228,10 +304,10 @@ class Batcher:
                     self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
 
-    def _take_compatible(self, batch: list[Piece], samples: int) -> int:
+    def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
         """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
         signature = batch[0].signature
-        kept: deque[Piece] = deque()
+        kept: deque[_Piece] = deque()
         while self._queue:
             piece = self._queue.popleft()
             if piece.isolated or piece.signature != signature:
@@ -247,7 +323,7 @@ class Batcher:
         self._queue = kept
         return samples
 
-    def _run_batch(self, batch: list[Piece]) -> None:
+    def _run_batch(self, batch: list[_Piece]) -> None:
         now = time.monotonic()
         live = []
         for piece in batch:
@@ -257,18 +333,11 @@ class Batcher:
             if request.deadline is not None and now > request.deadline:
                 request.fail(DeadlineExceeded("the job's deadline passed before it could run"))
                 continue
-            if request.before_run is not None:
-                hook, request.before_run = request.before_run, None
-                try:
-                    hook()
-                except Exception as e:
-                    request.fail(e if isinstance(e, PredictqError) else PredictionError(repr(e)))
-                    continue
             live.append(piece)
         if live:
             self._execute(live)
 
-    def _execute(self, pieces: list[Piece]) -> None:
+    def _execute(self, pieces: list[_Piece]) -> None:
         try:
             outputs = self._call(pieces)
         except DeviceOutOfMemory as e:
@@ -291,10 +360,10 @@ class Batcher:
         for piece, outs in zip(pieces, outputs, strict=True):
             piece.request.deliver(piece.offset, outs)
 
-    def _on_oom(self, pieces: list[Piece], error: DeviceOutOfMemory) -> None:
+    def _on_oom(self, pieces: list[_Piece], error: DeviceOutOfMemory) -> None:
         if len(pieces) > 1:
             mid = len(pieces) // 2
-            halves: tuple[list[Piece], ...] = (pieces[:mid], pieces[mid:])
+            halves: tuple[list[_Piece], ...] = (pieces[:mid], pieces[mid:])
         elif pieces[0].n > 1:
             halves = tuple([h] for h in pieces[0].halves())
         else:
@@ -308,7 +377,7 @@ class Batcher:
         for half in halves:
             self._execute(half)
 
-    def _call(self, pieces: list[Piece]) -> list[list[Array]]:
+    def _call(self, pieces: list[_Piece]) -> list[list[Array]]:
         """One device call for ``pieces``; the outputs split back per piece."""
         if len(pieces) == 1:
             inputs = pieces[0].inputs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from typing import Final
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
@@ -106,8 +107,8 @@ def record_model(spec: ModelSpec, load_s: float, device: str) -> None:
     MODEL_READY.set(1)
 
 
-def serve(port: int) -> int | None:
-    """Start the HTTP endpoint; returns the port, or None if it could not bind.
+def serve(port: int) -> WSGIServer | None:
+    """Start the HTTP endpoint; returns its server (see ``stop``), or None if it could not bind.
 
     A busy port must not stop a worker from serving predictions, so it is
     logged, not raised.
@@ -117,6 +118,11 @@ def serve(port: int) -> int | None:
     except OSError as e:
         log.error("metrics: cannot listen on port %d (%s); metrics are off", port, e)
         return None
-    bound: int = server.server_address[1]
-    log.info("metrics on http://0.0.0.0:%d/metrics", bound)
-    return bound
+    log.info("metrics on http://0.0.0.0:%d/metrics", server.server_address[1])
+    return server
+
+
+def stop(server: WSGIServer) -> None:
+    """Stop the HTTP endpoint and release its port."""
+    server.shutdown()
+    server.server_close()

@@ -17,17 +17,18 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from predictq.celeryconf import NOOP_TASK, PREDICT_TASK, SENT_AT_HEADER
 from predictq.errors import (
-    BrokerUnavailable,
     DeadlineExceeded,
     DeviceOutOfMemory,
     InvalidInput,
     ModelNotReady,
     PoisonJob,
     PredictqError,
+    Requeue,
 )
 from workers import metrics
 from workers.app import app
-from workers.runtime import JobContext, current_runtime
+from workers.lifecycle import current_runtime
+from workers.runtime import JobContext
 
 
 class PredictTask(Task):  # type: ignore[misc]
@@ -42,7 +43,7 @@ class PredictTask(Task):  # type: ignore[misc]
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         metrics.JOBS.labels(outcome="success", error_type="").inc()
-        _forget_payload(args, task_id)
+        _forget_payload(args, kwargs, task_id)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -51,13 +52,19 @@ class PredictTask(Task):  # type: ignore[misc]
         # A final outcome: the input is not needed again. Not for a lost worker
         # (prefork): that job is requeued and will read its input again.
         if isinstance(exc, PredictqError) and not exc.retryable:
-            _forget_payload(args, task_id)
+            _forget_payload(args, kwargs, task_id)
 
 
-def _forget_payload(args: Any, task_id: str) -> None:
-    if args and isinstance(args, list | tuple):
-        with contextlib.suppress(ModelNotReady):
-            current_runtime().forget_payload(args[0], task_id)
+def _forget_payload(args: Any, kwargs: Any, task_id: str) -> None:
+    # Wherever the input was passed (positional or `inputs=`), even by a call
+    # with the wrong arguments: a payload it references is not needed again.
+    candidates = list(args or ())[:1]
+    if isinstance(kwargs, dict) and "inputs" in kwargs:
+        candidates.append(kwargs["inputs"])
+    with contextlib.suppress(ModelNotReady, Requeue):
+        runtime = current_runtime()
+        for raw in candidates:
+            runtime.forget_payload(raw, task_id)
 
 
 def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
@@ -98,10 +105,10 @@ def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
     try:
         runtime = current_runtime()
         return runtime.predict(raw, _context(self.request))
-    except (ModelNotReady, BrokerUnavailable) as e:
-        # This process is shutting down, or Redis is restarting: hand the job
-        # back to the queue (if Redis cannot take it back now, the visibility
-        # timeout redelivers it). Predictions are pure, so running it again is safe.
+    except (ModelNotReady, Requeue) as e:
+        # Not loaded yet, stopping, or Redis is restarting: hand the job back to
+        # the queue (if Redis cannot take it back now, the visibility timeout
+        # redelivers it). Predictions are pure, so running it again is safe.
         raise Reject(str(e), requeue=True) from e
 
 

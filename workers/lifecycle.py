@@ -1,0 +1,412 @@
+"""A worker process's life, in one place: start serving, stop, and stop when it cannot serve.
+
+Celery's signal handlers (workers/signals.py) call these functions and nothing else:
+
+* ``start_worker`` / ``stop_worker``: the main worker process (``worker_init`` /
+  ``worker_shutdown``). The threads pool serves in the main process itself, so
+  there they also start and stop serving.
+* ``start_serving`` / ``stop_serving``: every process that runs a model (the
+  threads pool's worker process, the solo worker, each prefork child).
+  ``start_serving`` enters each step into a ``contextlib.ExitStack`` together
+  with its undo: a start that fails half-way unwinds what it did, and
+  ``stop_serving`` closes the stack, which is the start run backwards. Each runs
+  once per process (``_process.lock``): a second call is a no-op, not a second
+  model load.
+* ``shutdown_began``: ``worker_shutting_down``, which bounds the shutdown.
+
+A worker that cannot serve stops instead of spinning. Celery's ``Signal.send``
+catches every ``Exception`` a handler raises and only logs it, so a model that
+failed to load would leave a worker that consumes jobs it can only hand back, in
+a hot loop, taking them from healthy workers. So:
+
+* a failure while starting raises ``SystemExit`` (a ``BaseException``, which
+  ``Signal.send`` lets through): the threads and solo pools start in the worker
+  process itself and Celery exits with that code; a prefork child also stops
+  its parent, or billiard would fork a replacement that fails the same way;
+* a device thread that dies, or a device call that hangs past
+  ``device_timeout_s``, withdraws the process's readiness and stops it: a warm
+  shutdown for the threads and solo pools, so reserved jobs go back to the
+  queue; a prefork child exits and billiard forks a fresh one, whose jobs
+  ``reject_on_worker_lost`` requeues.
+
+Either way the worker exits non-zero, so a supervisor (docker, systemd) sees a
+failure and ``predictq health`` stops counting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+from wsgiref.simple_server import WSGIServer
+
+from billiard.process import active_children
+from celery.concurrency import get_implementation
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery.concurrency.thread import TaskPool as ThreadsPool
+
+from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, PredictionError, Requeue
+from predictq.readiness import ReadinessRecord
+from predictq.redis_client import client_from_url
+from predictq.settings import Settings, mask_url
+from workers import metrics
+from workers.app import worker_settings
+from workers.batcher import Batcher
+from workers.deliveries import DeliveryTracker
+from workers.device import configure_devices
+from workers.model import LoadedModel, import_model_modules, load_model
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: A setting or the model file must be fixed (sysexits.h EX_CONFIG).
+EX_CONFIG = 78
+#: Anything else that makes a worker unable to serve (sysexits.h EX_SOFTWARE).
+EX_SOFTWARE = 70
+
+
+class _Worker:
+    """The main worker process's state; prefork children inherit it (set before the fork)."""
+
+    pool = "unknown"
+    # The code the main process should exit with, 0 while nothing went wrong,
+    # shared with prefork children. A raw value (no lock): a lock held at fork
+    # time would deadlock a child.
+    exit_code: ctypes.c_int | None = None
+    shutdown_deadline: threading.Thread | None = None
+
+
+class _Process:
+    """This process's serving state. ``lock`` serializes start and stop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stack: ExitStack | None = None  # what stop_serving undoes
+        self.runtime: Runtime | None = None
+        self.readiness: ReadinessRecord | None = None
+        self.stopped = False
+        self.loads = 0  # model loads in this process: should be 1
+
+
+_process = _Process()
+
+
+# --- the main worker process ---------------------------------------------------------
+
+
+def start_worker(worker: Any) -> None:
+    """``worker_init``: check settings and pool; the threads pool starts serving here."""
+    # Celery sends worker_init before it sets up logging; without this, the
+    # INFO lines of the model load would be dropped.
+    worker.setup_logging()
+    if _Worker.exit_code is None:  # before any prefork child is forked
+        _Worker.exit_code = multiprocessing.RawValue(ctypes.c_int, 0)
+    try:
+        settings = worker_settings()
+        _Worker.pool = _pool_kind(worker.pool_cls)
+    except ConfigError as e:
+        _abort_start(e)
+    log.info(
+        "predictq worker %s: pool=%s broker=%s backend=%s model=%s",
+        worker.hostname,
+        _Worker.pool,
+        mask_url(settings.broker_url),
+        mask_url(settings.result_backend),
+        settings.model_path,
+    )
+    if settings.log_level != "DEBUG":
+        # Celery decides once, when it builds its task tracers and strategies,
+        # whether to log every task at INFO, with a repr() of the result array;
+        # at thousands of jobs per second that costs more than the prediction.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+        logging.getLogger("celery.worker.strategy").setLevel(logging.WARNING)
+    if _Worker.pool == "threads":
+        # celery/concurrency/thread.py never sends worker_process_init: load
+        # here, before the consumer starts and before any task is received.
+        start_serving(nodename=worker.hostname, index=0)
+
+
+def shutdown_began() -> None:
+    """``worker_shutting_down``: end this process at the latest ``shutdown_timeout_s`` from now.
+
+    Celery's threads pool waits for running jobs without a time limit, so a hung
+    device call would keep a stopping worker alive forever. Celery's own
+    ``worker_soft_shutdown_timeout`` (5.7) cannot bound that: it applies to cold
+    shutdowns only (SIGQUIT, not the SIGTERM of docker and systemd), sleeps the
+    whole timeout whenever a task is active, and then cancels requests, which
+    cannot stop a thread inside a device call; the pool's executor still joins
+    it. So a deadline thread ends the process with ``os._exit``; the jobs it
+    still held are unacknowledged and Redis redelivers them after the
+    visibility timeout.
+    """
+    if _Worker.shutdown_deadline is not None:
+        return  # a second signal (e.g. Ctrl-C twice) keeps the first deadline
+    timeout_s = worker_settings().shutdown_timeout_s
+
+    def expire() -> None:
+        threading.Event().wait(timeout_s)
+        log.error(
+            "shutdown did not finish within %.0fs (PREDICTQ_SHUTDOWN_TIMEOUT_S): exiting; "
+            "unfinished jobs are redelivered after the visibility timeout",
+            timeout_s,
+        )
+        _record(EX_SOFTWARE)
+        for child in active_children():
+            # Prefork children would run on, orphaned, without this.
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+        os._exit(EX_SOFTWARE)
+
+    _Worker.shutdown_deadline = threading.Thread(
+        target=expire, name="predictq-shutdown", daemon=True
+    )
+    _Worker.shutdown_deadline.start()
+
+
+def stop_worker(worker: Any) -> None:
+    """``worker_shutdown`` (the pool has stopped): stop serving, set the exit code."""
+    stop_serving()
+    if exit_code() and worker is not None:
+        # Read by `celery worker` after start() returns: ctx.exit(worker.exitcode).
+        worker.exitcode = exit_code()
+
+
+def exit_code() -> int:
+    """The code the worker should exit with (0: no failure recorded)."""
+    return 0 if _Worker.exit_code is None else int(_Worker.exit_code.value)
+
+
+def code_for(error: BaseException) -> int:
+    """EX_CONFIG for what an operator must fix in the configuration, else EX_SOFTWARE."""
+    return EX_CONFIG if isinstance(error, ConfigError | ModelLoadError) else EX_SOFTWARE
+
+
+# --- every process that serves ------------------------------------------------------
+
+
+def start_serving(*, nodename: str, index: int) -> None:
+    """Load the model (once per process) and serve it; stop the worker if that fails.
+
+    ``index`` numbers prefork children (their metrics port is ``port + index``).
+    """
+    try:
+        _start(worker_settings(), nodename=nodename, index=index)
+    except Exception as e:
+        _abort_start(e)
+
+
+def stop_serving() -> None:
+    """Undo ``start_serving``, last step first (no-op if this process does not serve)."""
+    with _process.lock:
+        stack, _process.stack = _process.stack, None
+        if stack is not None:
+            stack.close()
+            log.info("model runtime stopped (pid %d)", os.getpid())
+
+
+def current_runtime() -> Runtime:
+    """The process's runtime; ModelNotReady before it is loaded, Requeue once it stopped."""
+    runtime = _process.runtime
+    if runtime is None:
+        if _process.stopped:
+            raise Requeue(f"worker process {os.getpid()} is stopping")
+        raise ModelNotReady(f"no model is loaded in worker process {os.getpid()}")
+    return runtime
+
+
+def current_readiness() -> ReadinessRecord | None:
+    """This process's readiness record; None while it does not serve (or in a prefork parent)."""
+    return _process.readiness
+
+
+def _start(settings: Settings, *, nodename: str, index: int) -> None:
+    with _process.lock:
+        if _process.stack is not None or _process.stopped:
+            return
+        if not settings.model_path:
+            raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
+        with ExitStack() as stack:
+            started = time.monotonic()
+            device = configure_devices(settings).kind
+            import_model_modules(settings.model_imports)
+            model = load_model(settings.model_path)
+            _process.loads += 1
+            # One inference per batch shape the device thread will see: single
+            # jobs and full batches. The function is batch-polymorphic, so this
+            # traces once and also fails fast if a full batch does not fit.
+            model.warm_up(sorted({1, settings.max_batch_size}))
+            warm_s = time.monotonic() - started
+
+            results = stack.enter_context(closing(client_from_url(settings.result_backend)))
+            broker = stack.enter_context(closing(client_from_url(settings.broker_url)))
+            batcher = stack.enter_context(_device_thread(model, settings))
+
+            metrics.record_model(model.spec, warm_s, device)
+            stack.callback(metrics.MODEL_READY.set, 0)
+            server = _serve_metrics(settings, index)
+            if server is not None:
+                stack.callback(metrics.stop, server)
+
+            fields = {
+                "pool": _Worker.pool,
+                "loads": _process.loads,
+                "warm": True,
+                "device": device,
+                "load_s": round(warm_s, 3),
+                "since": datetime.now(UTC).isoformat(),
+                "metrics_port": None if server is None else server.server_address[1],
+                "max_batch_size": settings.max_batch_size,
+                "model": model.spec.as_dict(),
+            }
+            readiness = ReadinessRecord(
+                results, nodename, os.getpid(), settings.readiness_ttl_s, fields
+            )
+            readiness.publish()
+            stack.callback(readiness.close)
+            _process.readiness = readiness
+            stack.callback(setattr, _process, "readiness", None)
+
+            deliveries = DeliveryTracker(
+                results, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
+            )
+            _process.runtime = Runtime(
+                model, batcher, settings=settings, broker=broker, deliveries=deliveries
+            )
+            # The first step of a stop: jobs that arrive from now on go back to the queue.
+            stack.callback(_withdraw_runtime)
+
+            _process.stack = stack.pop_all()
+        log.info(
+            "model ready in %.2fs on %s (pid %d, %s pool)",
+            warm_s,
+            device,
+            os.getpid(),
+            _Worker.pool,
+        )
+
+
+def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
+    if settings.metrics_port is None:
+        return None
+    # Port 0 picks a free port; prefork children serve on the port plus their index.
+    return metrics.serve(settings.metrics_port + index if settings.metrics_port else 0)
+
+
+def _withdraw_runtime() -> None:
+    _process.stopped = True
+    _process.runtime = None
+
+
+@contextmanager
+def _device_thread(model: LoadedModel, settings: Settings) -> Iterator[Batcher]:
+    """The batcher's device thread and its watchdog: started together, stopped together.
+
+    On exit the queued batches are finished (the jobs still running wait for
+    them) within ``shutdown_timeout_s``; the watchdog stops first, so a slow
+    drain is not taken for a hung device.
+    """
+    batcher = Batcher(
+        model,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+        on_batch=metrics.record_batch,
+        on_isolate=metrics.record_isolation,
+    )
+    batcher.start()
+    stop = threading.Event()
+    watchdog = threading.Thread(
+        target=_watch,
+        args=(batcher, stop, settings.device_timeout_s),
+        name="predictq-device-watch",
+        daemon=True,
+    )
+    watchdog.start()
+    try:
+        yield batcher
+    finally:
+        stop.set()
+        if not batcher.close(settings.shutdown_timeout_s):
+            log.error("device thread did not finish within %.0fs", settings.shutdown_timeout_s)
+        watchdog.join(_WATCH_INTERVAL_S + 1)
+
+
+#: The longest the watchdog waits between two looks at a running device call.
+_WATCH_INTERVAL_S = 1.0
+
+
+def _watch(batcher: Batcher, stop: threading.Event, limit_s: float) -> None:
+    """Stop serving if the device thread dies, or if one device call runs past ``limit_s``.
+
+    A dead device thread serves nothing, and a device call that never returns (a
+    wedged GPU, a deadlocked native op) holds every job of this process forever
+    while its readiness record still says "ready". Either way the process stops
+    serving; its unacknowledged jobs are redelivered, and one that hangs every
+    time it runs ends as a poison job.
+    """
+    while not batcher.wait_ended(min(_WATCH_INTERVAL_S, limit_s / 4)):
+        running_s = batcher.call_running_s(time.monotonic())
+        if running_s > limit_s and not stop.is_set():
+            _cannot_serve(
+                PredictionError(
+                    f"a device call has run for {running_s:.0f}s, over "
+                    f"PREDICTQ_DEVICE_TIMEOUT_S={limit_s:g}: the device is hung"
+                )
+            )
+            return
+        if stop.is_set():
+            return
+    if batcher.crash is not None and not stop.is_set():
+        _cannot_serve(batcher.crash)
+
+
+def _cannot_serve(error: BaseException) -> None:
+    # No device, no predictions: stop counting as ready at once, then stop the
+    # worker instead of requeueing every job it receives from now on.
+    metrics.MODEL_READY.set(0)
+    readiness = _process.readiness
+    if readiness is not None:
+        readiness.close()
+    log.critical("worker process %d stops: %s", os.getpid(), error)
+    if _Worker.pool == "prefork":
+        # The parent stays: it forks a fresh child that loads the model again.
+        os._exit(EX_SOFTWARE)
+    _record(EX_SOFTWARE)
+    # Celery's own SIGTERM handler: a warm shutdown, from any thread.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _abort_start(error: BaseException) -> NoReturn:
+    """The process could not start serving: stop the worker, exit non-zero."""
+    code = code_for(error)
+    log.critical("worker cannot serve, stopping: %s: %s", type(error).__name__, error)
+    _record(code)
+    if _Worker.pool == "prefork":  # a child: worker_init already ran in its parent
+        os.kill(os.getppid(), signal.SIGTERM)
+        # Not SystemExit: billiard would treat it as this child's normal end.
+        os._exit(code)
+    raise SystemExit(code) from error
+
+
+def _record(code: int) -> None:
+    if _Worker.exit_code is not None and not _Worker.exit_code.value:
+        _Worker.exit_code.value = code
+
+
+def _pool_kind(pool_cls: Any) -> str:
+    cls = get_implementation(pool_cls)
+    for kind, known in (("threads", ThreadsPool), ("prefork", PreforkPool), ("solo", SoloPool)):
+        if isinstance(cls, type) and issubclass(cls, known):
+            return kind
+    raise ConfigError(
+        f"worker pool must be threads, prefork or solo, got {getattr(cls, '__name__', cls)}"
+    )
