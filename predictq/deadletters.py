@@ -28,7 +28,8 @@ from typing import Any, Final
 import redis
 
 from predictq.errors import PredictqError
-from predictq.redis_client import KEY_PREFIX, queue_keys
+from predictq.kombu_layout import list_key
+from predictq.redis_client import KEY_PREFIX
 
 DEAD_LETTER_KEY: Final = KEY_PREFIX + "dead-letters"
 
@@ -132,7 +133,7 @@ class DeadLetters:
         stored = self._stored_form(entry.entry_id)
         pipe = self._client.pipeline()
         # The worker side BRPOPs: LPUSH puts it at the back of the line, as kombu does.
-        pipe.lpush(queue_keys(entry.queue)[0], entry.message)
+        pipe.lpush(list_key(entry.queue), entry.message)
         pipe.lrem(DEAD_LETTER_KEY, 1, stored)
         pipe.execute()
         return entry

@@ -162,7 +162,7 @@ CASES: dict[str, Case] = {
         ([[0.25] * F] * 60_000,),
         serializer="json",
         error=PayloadTooLarge,
-        match=r"expected at most 1048576 bytes .* received \d{7} bytes",
+        match=r"expected at most 4194304 bytes \(PREDICTQ_MAX_JSON_BYTES\), received \d{7} bytes",
     ),
     "missing task argument": Case(
         (), match="expected exactly one argument `inputs`, received 0 positional"
