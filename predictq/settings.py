@@ -9,12 +9,14 @@ the variable and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from predictq.errors import ConfigError
 
@@ -181,7 +183,34 @@ class Settings:
     log_level: LogLevel = field(default="INFO", metadata={"help": "Worker log level."})
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._validate()
+
+    def __repr__(self) -> str:
+        # Never print a password: the URLs and Flower credentials are masked.
+        masked = dict(self.public_items())
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value is not None:
+                value = masked[_env(f.name)]
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (overrides and ``replace`` bypass the parser)."""
+        hints = _type_hints()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            hint = hints[f.name]
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # 30 means 30.0 seconds
+                continue
+            if not _has_type(value, hint):
+                raise ConfigError(
+                    f"{_env(f.name)} must be {_type_name(hint)}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
 
     def _validate(self) -> None:
         for f in fields(self):
@@ -305,6 +334,43 @@ class Settings:
                 shown = "" if value is None else str(value)
             out.append((_env(f.name), shown))
         return out
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return get_type_hints(Settings)
+
+
+def _has_type(value: object, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in get_args(hint))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(hint)))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if hint is type(None):
+        return "unset (None)"
+    if origin is tuple:
+        return "a tuple of strings"
+    return f"{'an' if hint.__name__[0] in 'aeiou' else 'a'} {hint.__name__}"
+
+
+#: Fields whose values may hold passwords (masked by ``public_items`` and ``repr``).
+_SECRET_FIELDS = frozenset({"broker_url", "result_backend", "flower_basic_auth"})
 
 
 def settings_help() -> list[tuple[str, str, str]]:

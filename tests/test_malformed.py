@@ -630,3 +630,34 @@ def test_two_workers_on_one_queue_survive_a_burst_of_malformed_messages(
         assert not any(n.startswith("hostile2@") for n in names), replies
     finally:
         second.stop()
+
+
+def test_health_turns_unhealthy_while_the_broker_is_gone_and_back_when_it_returns(
+    mlp_path: str,
+) -> None:
+    from predictq.readiness import read_records, serving_records
+    from tests.support.processes import wait_for
+
+    with RedisServer() as broker, RedisServer() as backend:
+        w = WorkerProcess(
+            broker_url=broker.url(0),
+            result_backend=backend.url(0),
+            model_path=mlp_path,
+            queue=QUEUE,
+            name="flaky",
+            concurrency=2,
+        ).start()
+        results = redis.Redis.from_url(backend.url(0))
+        try:
+            w.wait_ready()
+            assert serving_records(results)
+            broker.kill()
+            # The model is still loaded (its record stays), but nothing is consumed.
+            wait_for(lambda: not serving_records(results), 60, "the consuming key to go")
+            assert read_records(results)
+            broker.start()
+            wait_for(lambda: serving_records(results), 60, "the consuming key to come back")
+            assert w.process is not None and w.process.poll() is None
+        finally:
+            results.close()
+            w.stop()

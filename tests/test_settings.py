@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from predictq.errors import ConfigError
@@ -98,3 +100,38 @@ def test_every_setting_has_help_for_the_readme_table() -> None:
     rows = settings_help()
     assert len(rows) == len(Settings.__dataclass_fields__)
     assert all(name.startswith("PREDICTQ_") and text for name, _, text in rows)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"max_batch_size": 2.5}, "PREDICTQ_MAX_BATCH_SIZE must be an int, got 2.5"),
+        ({"task_events": 1}, "PREDICTQ_TASK_EVENTS must be a bool, got 1"),
+        ({"metrics_port": "80"}, "PREDICTQ_METRICS_PORT must be an int or unset"),
+        ({"device": "tpu"}, "PREDICTQ_DEVICE must be one of 'auto', 'cpu', 'gpu'"),
+        ({"model_imports": ["a"]}, "PREDICTQ_MODEL_IMPORTS must be a tuple of strings"),
+    ],
+)
+def test_overrides_are_type_checked(override: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env({}, **override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings().replace(**override)
+
+
+def test_an_integer_for_a_float_setting_becomes_a_float() -> None:
+    settings = Settings(visibility_timeout_s=30)
+    assert settings.visibility_timeout_s == 30.0
+    assert isinstance(settings.visibility_timeout_s, float)
+
+
+def test_repr_masks_every_password() -> None:
+    settings = Settings(
+        broker_url="redis://:brokerpw@h:1/0",
+        result_backend="rediss://u:backendpw@h:2/1?password=qpw",
+        flower_basic_auth="admin:flowerpw",
+    )
+    shown = repr(settings)
+    for secret in ("brokerpw", "backendpw", "qpw", "flowerpw"):
+        assert secret not in shown
+    assert "max_batch_size=4096" in shown and "redis://:***@h:1/0" in shown

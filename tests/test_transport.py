@@ -1,0 +1,99 @@
+"""The guarded kombu channel: what it copies from kombu is still what kombu does."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import inspect
+from typing import Any
+
+import pytest
+from kombu.transport import redis as kombu_redis
+
+from workers.transport import REFUSAL_PROPERTY, GuardedChannel, envelope_problem, quarantine
+
+#: sha256 of kombu 5.7.0's ``Channel._brpop_read``, which GuardedChannel copies.
+KOMBU_BRPOP_READ_SHA256 = "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
+
+
+def test_the_copied_kombu_method_is_unchanged_in_the_installed_kombu() -> None:
+    source = inspect.getsource(kombu_redis.Channel._brpop_read)
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    assert digest == KOMBU_BRPOP_READ_SHA256, (
+        "kombu's Channel._brpop_read changed: compare it with "
+        "workers/transport.py GuardedChannel._brpop_read, then update the hash"
+    )
+
+
+def valid() -> dict[str, Any]:
+    return {
+        "body": base64.b64encode(b"\x93\x90\x80\x80").decode(),
+        "content-type": "application/x-predictq-msgpack",
+        "content-encoding": "binary",
+        "headers": {"id": "x", "task": "predictq.predict"},
+        "properties": {
+            "delivery_tag": "t",
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": "q"},
+            "priority": 0,
+        },
+    }
+
+
+def test_a_valid_envelope_has_no_problem() -> None:
+    assert envelope_problem(valid()) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ((), [1], "expected a JSON object as the message envelope"),
+        (("properties",), None, "expected 'properties' as an object"),
+        (("properties", "delivery_tag"), 7, "delivery_tag as a non-empty string"),
+        (("properties", "delivery_tag"), "", "delivery_tag as a non-empty string"),
+        (("properties", "delivery_info"), {"exchange": ""}, "delivery_info as an object"),
+        (("properties", "priority"), 999, "priority as an integer 0-255"),
+        (("properties", "priority"), True, "priority as an integer 0-255"),
+        (("properties", "body_encoding"), "rot13", "body_encoding 'base64'"),
+        (("content-type",), None, "expected 'content-type' as a string"),
+        (("content-encoding",), 5, "expected 'content-encoding' as a string"),
+        (("headers",), [], "expected 'headers' as an object"),
+        (("body",), None, "expected 'body' as a string"),
+        (("body",), "!!!", "expected 'body' as base64 text"),
+    ],
+)
+def test_each_field_kombu_reads_is_checked(
+    path: tuple[str, ...], value: object, expected: str
+) -> None:
+    envelope: Any = valid()
+    if not path:
+        envelope = value
+    else:
+        target = envelope
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    problem = envelope_problem(envelope)
+    assert problem is not None and expected in problem
+
+
+def test_a_quarantine_envelope_is_itself_valid_and_keeps_a_bounded_copy() -> None:
+    env = quarantine("x" * 100, "why", "q", raw_limit=10, task_id="id1", kind="too_large")
+    assert envelope_problem(env) is None
+    refusal = env["properties"][REFUSAL_PROPERTY]
+    assert refusal == {
+        "kind": "too_large",
+        "reason": "why",
+        "task_id": "id1",
+        "raw": "x" * 10,
+        "raw_chars": 100,
+    }
+    assert env["properties"]["delivery_info"]["routing_key"] == "q"
+
+
+def test_the_guarded_channel_reads_its_limits_from_transport_options() -> None:
+    for name in ("predictq_raw_limit", "predictq_max_payload_bytes", "predictq_max_json_bytes"):
+        assert name in GuardedChannel.from_transport_options
+    assert set(kombu_redis.Channel.from_transport_options) < set(
+        GuardedChannel.from_transport_options
+    )
