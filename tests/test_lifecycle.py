@@ -8,6 +8,7 @@ readiness, and lose no job. Real redis-server and worker processes.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import redis
 
 from predictq.errors import PoisonJob, PredictionError
 from predictq.readiness import read_records
-from predictq.redis_server import RedisServer
+from predictq.redis_server import RedisServer, free_port
 from tests.support import models
 from tests.support.cluster import (
     assert_all_correct,
@@ -156,6 +157,40 @@ def test_a_dead_device_thread_fails_its_job_withdraws_readiness_and_stops_the_wo
         heir.stop()
 
 
+def test_jobs_queued_behind_a_crashing_device_call_go_back_to_the_queue_at_once(
+    private_redis: RedisServer, mlp_path: str, tmp_path: Path
+) -> None:
+    started = tmp_path / "crash-started"
+    env = {
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.crash",
+        "TESTS_CRASH_MARK": str(started),
+        "TESTS_CRASH_BEHIND": "4",  # the call crashes once 4 jobs wait behind it
+        # An hour: a job that completes was handed back at the crash, not
+        # recovered by the visibility timeout (or republished by its producer).
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "3600",
+    }
+    crashing = worker_on(private_redis, mlp_path, concurrency=8, name="crashing", env=env)
+    heir = worker_on(private_redis, mlp_path, concurrency=8, name="heir")
+    x = inputs(4, seed=2)
+    try:
+        crashing.start().wait_ready()
+        assert crashing.process is not None
+        with client_on(private_redis, visibility_timeout_s=3600) as client:
+            doomed = client.submit(np.full((1, F), CRASH, np.float32))
+            wait_for(started.exists, 60, "the crashing device call to start")
+            queued = [client.submit(x[i]) for i in range(4)]
+            with pytest.raises(PredictionError, match="the device thread crashed"):
+                doomed.get(timeout=60)
+            assert crashing.process.wait(60) == EX_SOFTWARE
+            assert private_redis.client().hlen("unacked") == 0  # none left reserved
+            heir.start().wait_ready()
+            # They did nothing wrong: each one runs again, not PredictionError.
+            assert_all_correct(queued, x, mlp_path)
+    finally:
+        crashing.stop()
+        heir.stop()
+
+
 def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_redelivered(
     private_redis: RedisServer, hang_model: HangModel
 ) -> None:
@@ -245,3 +280,96 @@ def test_a_job_that_hangs_the_device_every_time_ends_as_a_poison_job(
             )
     finally:
         worker.stop()
+
+
+#: Runs start_serving (and, if it started, stop_serving) in a fresh process and
+#: prints what is left running: threads, the metrics port, Redis connections.
+SERVE_PROBE = """
+import json, os, socket, sys, threading, time
+import redis
+from prometheus_client import REGISTRY
+from workers import lifecycle
+
+def left(check_redis):
+    port = int(os.environ["PREDICTQ_METRICS_PORT"])
+    with socket.socket() as s:
+        metrics_open = s.connect_ex(("127.0.0.1", port)) == 0
+    clients = None
+    if check_redis:
+        probe = redis.Redis.from_url(os.environ["PREDICTQ_RESULT_BACKEND"])
+        for _ in range(40):  # the server notices a closed connection a moment later
+            clients = len(probe.client_list()) - 1  # not this probe's own connection
+            if clients == 0:
+                break
+            time.sleep(0.05)
+        probe.close()
+    return {
+        "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("predictq")),
+        "metrics_open": metrics_open,
+        "model_ready": REGISTRY.get_sample_value("predictq_model_ready"),
+        "readiness": lifecycle.current_readiness() is not None,
+        "redis_clients": clients,
+    }
+
+try:
+    lifecycle.start_serving(nodename="probe@test", index=0)
+except SystemExit as e:
+    print(json.dumps({"exit": e.code, "after": left(False)}))
+    sys.exit(0)
+serving = left(True)
+lifecycle.stop_serving()
+print(json.dumps({"exit": None, "serving": serving, "after": left(True)}))
+"""
+
+
+def probe_serving(**env: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_PROBE],
+        env=base_env(PREDICTQ_METRICS_PORT=str(free_port()), **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+NOTHING_LEFT = {
+    "threads": [],
+    "metrics_open": False,
+    "model_ready": 0.0,
+    "readiness": False,
+}
+
+
+def test_stop_serving_releases_everything_start_serving_took(
+    private_redis: RedisServer, mlp_path: str
+) -> None:
+    seen = probe_serving(
+        PREDICTQ_MODEL_PATH=mlp_path,
+        PREDICTQ_BROKER_URL=private_redis.url(0),
+        PREDICTQ_RESULT_BACKEND=private_redis.url(1),
+    )
+    serving = seen["serving"]
+    assert {"predictq-device", "predictq-device-watch", "predictq-readiness"} <= set(
+        serving["threads"]
+    )
+    assert serving["metrics_open"] and serving["readiness"] and serving["model_ready"] == 1.0
+    assert serving["redis_clients"] >= 1
+    assert seen["after"] == {**NOTHING_LEFT, "redis_clients": 0}
+    assert ready_records(private_redis) == []
+
+
+def test_a_start_that_fails_half_way_undoes_what_it_started(
+    private_redis: RedisServer, mlp_path: str
+) -> None:
+    # The model loads and the device thread and metrics start; then the
+    # readiness record cannot be written: its Redis is not there.
+    seen = probe_serving(
+        PREDICTQ_MODEL_PATH=mlp_path,
+        PREDICTQ_BROKER_URL=private_redis.url(0),
+        PREDICTQ_RESULT_BACKEND=f"redis://127.0.0.1:{free_port()}/1",
+    )
+    assert seen["exit"] == EX_SOFTWARE
+    assert seen["after"] == {**NOTHING_LEFT, "redis_clients": None}

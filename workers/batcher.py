@@ -181,11 +181,6 @@ class Batcher:
         """What killed the device thread, if it died (None while it runs, or closed cleanly)."""
         return self._crash
 
-    @property
-    def max_batch_size(self) -> int:
-        """Samples per device call."""
-        return self._max
-
     @contextmanager
     def announce(self) -> Iterator[None]:
         """Declare a job on its way to ``submit`` (held while it decodes and validates).
