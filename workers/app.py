@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 from predictq.celeryconf import celery_config
 from predictq.codec import register_serializer
@@ -22,6 +23,9 @@ from predictq.errors import ConfigError
 from predictq.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: kombu's Redis transport with predictq's message guard (workers/transport.py).
+GUARDED_TRANSPORT = "workers.transport:Transport"
 
 
 @functools.cache
@@ -38,20 +42,15 @@ def _configure() -> dict[str, Any]:
     # not kombu messages (workers/transport.py), and Celery's consumer behind a
     # check of every header and body (workers/consumer.py, workers/guard.py).
     config["worker_consumer"] = "workers.consumer:PredictqConsumer"
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        config["broker_transport"] = "workers.transport:Transport"
-        config["broker_transport_options"].update(
-            predictq_raw_limit=settings.dead_letter_max_bytes,
-            predictq_max_payload_bytes=settings.max_payload_bytes,
-            predictq_max_json_bytes=settings.max_json_bytes,
-        )
-        if settings.broker_url.startswith("rediss://") and "ssl_" not in settings.broker_url:
-            # Naming the transport class hides the rediss:// scheme from kombu,
-            # which would otherwise pick TLS with these same defaults itself
-            # (kombu.connection.Connection._init_params).
-            import ssl
-
-            config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
+    # kombu resolves the transport from the URL scheme through its alias table:
+    # in a worker process, redis:// and rediss:// name the guarded transport, so
+    # URLs, TLS defaults and log lines stay exactly kombu's own.
+    TRANSPORT_ALIASES.update(redis=GUARDED_TRANSPORT, rediss=GUARDED_TRANSPORT)
+    config["broker_transport_options"].update(
+        predictq_raw_limit=settings.dead_letter_max_bytes,
+        predictq_max_payload_bytes=settings.max_payload_bytes,
+        predictq_max_json_bytes=settings.max_json_bytes,
+    )
     return config
 
 
