@@ -133,7 +133,8 @@ def test_envelope_is_what_send_task_pushes_field_by_field(
 def test_reader_finds_ids_kombu_wrote_in_every_priority_list_and_the_unacked_hash(
     client: PredictionClient, server: RedisServer, channel: Any, queue: str
 ) -> None:
-    x = wire.normalize(np.zeros((1, 4), dtype=np.float32))
+    # 4 KB bodies: the id is looked for in the last 2 KB of each message only.
+    x = wire.normalize(np.zeros((1, 1024), dtype=np.float32))
     queued = [f"queued-{i}" for i in range(40)]
     for i, task_id in enumerate(queued):
         _send_task(client, task_id, x, priority=(0, 3, 6, 9)[i % 4])
@@ -146,7 +147,7 @@ def test_reader_finds_ids_kombu_wrote_in_every_priority_list_and_the_unacked_has
     with server.client() as r:
         assert r.hlen(kombu_layout.UNACKED_KEY) == 7
     # A small chunk: dozens of calls, each reading a few messages.
-    reader = kombu_layout.TaskIdReader(server.client(), chunk_bytes=2000)
+    reader = kombu_layout.TaskIdReader(server.client(), chunk_bytes=20_000)
     in_lists = [i for key in kombu_layout.queue_keys(queue) for c in reader.ids(key) for i in c]
     in_hash = [i for c in reader.ids(kombu_layout.UNACKED_KEY) for i in c]
     assert sorted(in_lists) == sorted(set(queued) - reserved_ids)
