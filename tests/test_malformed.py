@@ -27,6 +27,7 @@ import redis
 from predictq import codec
 from predictq.celeryconf import PREDICT_TASK
 from predictq.deadletters import DEAD_LETTER_KEY, DeadLetter
+from predictq.kombu_layout import UNACKED_KEY
 from predictq.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -453,7 +454,7 @@ def unacked(server: RedisServer, *, besides: str | None = None) -> list[str]:
     """
     r = redis.Redis.from_url(server.url(0))
     try:
-        entries = r.hvals("unacked")
+        entries = r.hvals(UNACKED_KEY)
     finally:
         r.close()
     ids = []
