@@ -27,7 +27,6 @@ import redis
 from predictq import codec
 from predictq.celeryconf import PREDICT_TASK
 from predictq.deadletters import DEAD_LETTER_KEY, DeadLetter
-from predictq.kombu_layout import UNACKED_KEY
 from predictq.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -35,6 +34,7 @@ from predictq.errors import (
     PayloadTooLarge,
     PredictqError,
 )
+from predictq.kombu_layout import UNACKED_KEY
 from predictq.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
