@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,7 +37,8 @@ from predictq.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.cluster import client_on, worker_on
-from tests.support.processes import ROOT, WorkerProcess, base_env, wait_for
+from tests.support.ops import clean_env, run_cli
+from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
 QUEUE = "hostile"
@@ -521,18 +520,11 @@ def test_a_dead_letter_is_requeued_and_purged_with_the_cli(
     push(server, changed(task_id, header_changes={"task": "predictq.nope"}))
     with pytest.raises(InvalidMessage):
         client.job(task_id).get(timeout=15)
-    env = base_env(PREDICTQ_BROKER_URL=server.url(0), PREDICTQ_RESULT_BACKEND=server.url(1))
+    env = clean_env(PREDICTQ_BROKER_URL=server.url(0), PREDICTQ_RESULT_BACKEND=server.url(1))
 
     def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "predictq.cli", "dead-letters", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        done = run_cli("dead-letters", *args, env=env)
+        assert done.returncode == 0, done.stderr
         return done.stdout
 
     listing = cli("list")
