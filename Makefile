@@ -25,7 +25,7 @@ up: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict workers producer predictq
+	$(BIN)/mypy --strict workers producer predictq predictq_ops
 
 test: lint
 	$(BIN)/python -m pytest

@@ -25,7 +25,7 @@ from bench.models import BenchModel, build
 from bench.scenarios import Result, bulk, closed_loop, interleaved, raw
 from predictq.celeryconf import NOOP_TASK
 from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 
 #: Publishes one job: (thread index, task id).

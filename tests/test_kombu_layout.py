@@ -23,7 +23,7 @@ from kombu.utils.json import dumps as kombu_dumps
 
 from predictq import kombu_layout
 from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -34,7 +34,7 @@ from predictq.errors import (
     PayloadTooLarge,
     PredictqError,
 )
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.cluster import client_on, worker_on
@@ -510,7 +510,7 @@ def test_a_dead_letter_is_requeued_and_purged_with_the_cli(
 
     def cli(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "predictq.cli", "dead-letters", *args],
+            [sys.executable, "-m", "predictq_ops.cli", "dead-letters", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,

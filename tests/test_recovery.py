@@ -21,7 +21,7 @@ import redis
 from kombu import Connection
 
 from predictq.kombu_layout import UNACKED_KEY, encode_message, list_key, queue_keys
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 from producer.recovery import LostJobRecovery
 
