@@ -31,7 +31,8 @@ test: lint
 	$(BIN)/python -m pytest
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests/test_batcher.py tests/test_codec.py tests/test_settings.py tests/test_validation.py
+	$(BIN)/python -m pytest tests/test_batcher.py tests/test_codec.py tests/test_settings.py tests/test_validation.py \
+		tests/test_structure.py tests/test_layering.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
