@@ -77,7 +77,7 @@ def paths(client: PredictionClient, x: JobInput) -> dict[str, Publish]:
             args=(x.value,),
             task_id=job_id,
             headers={SENT_AT_HEADER: time.time()},
-            argsrepr=x.summary(),
+            argsrepr=x.summary,
             producer=producer,
         )
 

@@ -3,6 +3,13 @@
 ``PredictionClient`` is thread-safe and meant to be shared: many threads submit
 (one LPUSH each, producer/publisher.py), and one collector thread delivers
 every result (producer/collector.py).
+
+One job, top to bottom: ``submit`` checks the input once (producer/wire.py, a
+``JobInput``), admits the job (deadline, size, queue length, in-flight slots),
+watches for its result (collector), publishes it (publisher, with the input by
+reference when large: predictq/payloads.py) and tracks it for lost-job recovery
+(recovery); the ``Job`` (producer/job.py) then waits for what the collector
+delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``.
 """
 
 from __future__ import annotations
@@ -163,6 +170,15 @@ class PredictionClient:
         future.add_done_callback(lambda _f: self._finished(job_id))
         return self._job(job_id, future, rows)
 
+    def _check_size(self, job_input: JobInput) -> None:
+        """Refuse a job that the workers would refuse, before it is sent."""
+        limit = self.settings.max_payload_bytes
+        if job_input.nbytes > limit:
+            raise PayloadTooLarge(
+                f"inputs: expected at most {limit} bytes per job (PREDICTQ_MAX_PAYLOAD_BYTES), "
+                f"received {job_input.nbytes} bytes; use predict_many() to split it"
+            )
+
     def _job(self, job_id: str, future: Any, rows: slice | None = None) -> Job:
         return Job(
             job_id,
@@ -188,15 +204,6 @@ class PredictionClient:
         if entry is not None:
             self._publish(job_id, *entry)
 
-    def _check_size(self, job_input: JobInput) -> None:
-        """Refuse a job that the workers would refuse, before it is sent."""
-        limit = self.settings.max_payload_bytes
-        if job_input.nbytes > limit:
-            raise PayloadTooLarge(
-                f"inputs: expected at most {limit} bytes per job (PREDICTQ_MAX_PAYLOAD_BYTES), "
-                f"received {job_input.nbytes} bytes; use predict_many() to split it"
-            )
-
     def _publish(
         self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
     ) -> None:
@@ -213,7 +220,7 @@ class PredictionClient:
             (argument,),
             expires=expires,
             headers={SENT_AT_HEADER: time.time()},
-            argsrepr=job_input.summary(),
+            argsrepr=job_input.summary,
         )
         self._retrying(lambda: self._publisher.publish(raw, payload))
 

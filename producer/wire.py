@@ -40,20 +40,22 @@ class JobInput:
         self.nbytes = sum(a.nbytes for a in arrays)
         #: The task argument: one array, a list (multi-input) or a dict by input name.
         self.value: Array | list[Array] | dict[str, Array] = unflatten(layout, arrays)
+        #: A short ``argsrepr`` for Flower and logs (never the data itself).
+        self.summary = _summary(layout, arrays)
 
     def take(self, start: int, stop: int) -> JobInput:
         """Rows ``[start, stop)`` of every input (views, no copy), in the same layout."""
         return JobInput(self.layout, [a[start:stop] for a in self.arrays])
 
-    def summary(self) -> str:
-        """A short ``argsrepr`` for Flower and logs (never the data itself)."""
-        described = [describe(a) for a in self.arrays]
-        if self.layout.structure == "dict":
-            pairs = zip(self.layout.keys, described, strict=True)
-            return "{" + ", ".join(f"{k}: {d}" for k, d in pairs) + "}"
-        if self.layout.structure == "list":
-            return "[" + ", ".join(described) + "]"
-        return described[0]
+
+def _summary(layout: Layout, arrays: list[Array]) -> str:
+    described = [describe(a) for a in arrays]
+    if layout.structure == "dict":
+        pairs = zip(layout.keys, described, strict=True)
+        return "{" + ", ".join(f"{k}: {d}" for k, d in pairs) + "}"
+    if layout.structure == "list":
+        return "[" + ", ".join(described) + "]"
+    return described[0]
 
 
 def _array(value: object, where: str) -> Array:

@@ -76,7 +76,7 @@ def _send_task(client: PredictionClient, task_id: str, x: JobInput, **options: A
         args=(x.value,),
         task_id=task_id,
         headers={SENT_AT_HEADER: 1.5},
-        argsrepr=x.summary(),
+        argsrepr=x.summary,
         ignore_result=False,  # predictq asks for every result (None: the task decides)
         **options,
     )
@@ -99,7 +99,7 @@ def test_envelope_is_what_send_task_pushes_field_by_field(
         (x.value,),
         expires=expires,
         headers={SENT_AT_HEADER: 1.5},
-        argsrepr=x.summary(),
+        argsrepr=x.summary,
     )
     ours = json.loads(ours_raw)
     # Written as kombu writes JSON (separators, escaping, key order).

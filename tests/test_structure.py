@@ -43,13 +43,13 @@ def test_job_input_keeps_the_callers_structure_and_chunks_are_views() -> None:
     listed = wire.normalize((A, B))
     assert isinstance(listed.value, list) and listed.rows == 3
     assert listed.nbytes == A.nbytes + B.nbytes
-    assert listed.summary() == (
+    assert listed.summary == (
         "[array of dtype float32 and shape (3, 2), array of dtype int32 and shape (3, 4)]"
     )
     named = wire.normalize({"a": A, 1: B}).take(1, 3)
     assert isinstance(named.value, dict) and list(named.value) == ["a", "1"]
     assert named.rows == 2 and np.shares_memory(named.value["a"], A)
-    assert named.summary().startswith("{a: array of dtype float32 and shape (2, 2), 1: ")
+    assert named.summary.startswith("{a: array of dtype float32 and shape (2, 2), 1: ")
     nested = wire.normalize([[1.0, 2.0], [3.0, 4.0]])  # nested lists: one array
     assert isinstance(nested.value, np.ndarray) and nested.value.shape == (2, 2)
 
