@@ -19,6 +19,7 @@ COPY pyproject.toml ./
 COPY predictq ./predictq
 COPY workers ./workers
 COPY producer ./producer
+COPY predictq_ops ./predictq_ops
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --- runtime ---------------------------------------------------------------------

@@ -25,13 +25,14 @@ up: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict workers producer predictq
+	$(BIN)/mypy --strict workers producer predictq predictq_ops
 
 test: lint
 	$(BIN)/python -m pytest
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests/test_batcher.py tests/test_codec.py tests/test_settings.py tests/test_validation.py
+	$(BIN)/python -m pytest tests/test_batcher.py tests/test_codec.py tests/test_settings.py tests/test_validation.py \
+		tests/test_structure.py tests/test_layering.py
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -25,8 +25,8 @@ from bench.models import BenchModel, build
 from bench.scenarios import Result, bulk, closed_loop, interleaved, raw
 from predictq.celeryconf import NOOP_TASK
 from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
-from predictq.redis_server import RedisServer
-from producer import PredictionClient
+from predictq_ops.redis_server import RedisServer
+from producer import PredictionClient, wire
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,7 +87,8 @@ def run_model(
                 return client.predict(x[i : i + 1])
 
             def noop_one(i: int) -> Any:
-                client._submit(x[i : i + 1], deadline_s=None, rows=None, task=NOOP_TASK).get()
+                one = wire.normalize(x[i : i + 1])
+                client._submit(one, deadline_s=None, rows=None, task=NOOP_TASK).get()
                 return expected[i : i + 1]  # nothing to check: the task returns None
 
             closed_loop(m.name, "warm-up", predict_one, expected, jobs=100, threads=8)

@@ -31,8 +31,8 @@ from bench.models import build
 from predictq import codec
 from predictq.celeryconf import PREDICT_TASK
 from predictq.errors import PredictqError
-from predictq.redis_server import RedisServer
 from predictq.settings import Settings
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 
 QUEUE = "bench-hostile"

@@ -17,7 +17,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.readiness import read_records
-from predictq.redis_server import free_port
+from predictq_ops.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def predictq_worker(
         [
             sys.executable,
             "-m",
-            "predictq.cli",
+            "predictq_ops.cli",
             "worker",
             "-c",
             str(concurrency),

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
+from producer.wire import JobInput
 
 #: Publishes one job: (thread index, task id).
 Publish = Callable[[int, str], None]
@@ -62,7 +63,7 @@ def _run(publish: Publish, *, threads: int, jobs_per_thread: int) -> tuple[float
     return jobs / wall, cpu * 1000 / jobs
 
 
-def paths(client: PredictionClient, x: Any) -> dict[str, Publish]:
+def paths(client: PredictionClient, x: JobInput) -> dict[str, Publish]:
     """The publish paths measured."""
     app = client._app
     producers: dict[int, Any] = {}  # thread index -> its own kombu producer
@@ -73,10 +74,10 @@ def paths(client: PredictionClient, x: Any) -> dict[str, Publish]:
     def send_task(_index: int, job_id: str, producer: Any = None) -> None:
         app.send_task(
             PREDICT_TASK,
-            args=(x,),
+            args=(x.value,),
             task_id=job_id,
             headers={SENT_AT_HEADER: time.time()},
-            argsrepr=wire.summary(x),
+            argsrepr=x.summary,
             producer=producer,
         )
 

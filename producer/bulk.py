@@ -1,28 +1,34 @@
 """Bulk prediction: a large input as chunk jobs, a bounded number in flight.
 
-Memory stays at input + output + the chunks in flight: outputs are written
-into preallocated arrays as chunks finish, and a finished chunk's message is
-dropped at once.
+Memory stays at input + output + the chunks in flight: chunks are views of the
+input, outputs are written into preallocated arrays as chunks finish, and a
+finished chunk's message is dropped at once.
+
+The client hands these functions its way to submit one chunk (``SubmitChunk``);
+this module never imports the client.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from predictq.errors import InvalidInput, PredictqError
-from producer import wire
-
-if TYPE_CHECKING:
-    from producer.client import PredictionClient
-    from producer.job import Job
+from predictq.structure import Layout, flatten, unflatten
+from producer.job import Job, wait_any
+from producer.wire import JobInput
 
 Array = np.ndarray[Any, Any]
+
+
+class SubmitChunk(Protocol):
+    """Submits one chunk of the input as a job; ``rows`` says which rows it covers."""
+
+    def __call__(self, chunk: JobInput, *, rows: slice) -> Job: ...
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -30,13 +36,14 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise InvalidInput(f"chunk_size: expected an integer >= 1, received {chunk_size!r}")
 
 
+def _chunks(inputs: JobInput, chunk_size: int) -> Iterator[tuple[JobInput, slice]]:
+    for start in range(0, inputs.rows, chunk_size):
+        stop = min(start + chunk_size, inputs.rows)
+        yield inputs.take(start, stop), slice(start, stop)
+
+
 def submit_chunks(
-    client: PredictionClient,
-    normalized: Any,
-    *,
-    chunk_size: int,
-    deadline_s: float | None,
-    window: int,
+    submit: SubmitChunk, inputs: JobInput, *, chunk_size: int, window: int
 ) -> Iterator[Job]:
     """One submitted job per chunk of ``chunk_size`` rows, ``window`` submitted ahead.
 
@@ -45,26 +52,15 @@ def submit_chunks(
     _check_chunk_size(chunk_size)
     if not isinstance(window, int) or window < 1:
         raise InvalidInput(f"window: expected an integer >= 1, received {window!r}")
-    n = wire.rows(normalized)
-    return _submitted_ahead(client, normalized, n, chunk_size, deadline_s, window)
+    return _submitted_ahead(submit, inputs, chunk_size, window)
 
 
 def _submitted_ahead(
-    client: PredictionClient,
-    normalized: Any,
-    n: int,
-    chunk_size: int,
-    deadline_s: float | None,
-    window: int,
+    submit: SubmitChunk, inputs: JobInput, chunk_size: int, window: int
 ) -> Iterator[Job]:
     ahead: deque[Job] = deque()
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        ahead.append(
-            client._submit(
-                wire.take(normalized, start, stop), deadline_s=deadline_s, rows=slice(start, stop)
-            )
-        )
+    for chunk, rows in _chunks(inputs, chunk_size):
+        ahead.append(submit(chunk, rows=rows))
         if len(ahead) > window:
             yield ahead.popleft()
     while ahead:
@@ -76,12 +72,21 @@ class _Outputs:
 
     def __init__(self, n: int) -> None:
         self._n = n
-        self.value: Any = None
+        self._layout: Layout | None = None
+        self._arrays: list[Array] = []
+
+    @property
+    def value(self) -> Any:
+        """The outputs in the model's structure (one array, a list, or a dict by name)."""
+        assert self._layout is not None, "no chunk came back"
+        return unflatten(self._layout, self._arrays)
 
     def write(self, rows: slice, result: Any) -> None:
-        if self.value is None:
-            self.value = self._allocate(result)
-        for target, part in zip(self._flat(self.value), self._flat(result), strict=True):
+        layout, parts = flatten(result)
+        if self._layout is None:
+            self._layout = layout
+            self._arrays = [np.empty((self._n, *p.shape[1:]), dtype=p.dtype) for p in parts]
+        for target, part in zip(self._arrays, parts, strict=True):
             if part.shape[0] != rows.stop - rows.start:
                 raise PredictqError(
                     f"rows {rows.start}:{rows.stop}: expected {rows.stop - rows.start} output "
@@ -89,66 +94,41 @@ class _Outputs:
                 )
             target[rows] = part
 
-    def _allocate(self, sample: Any) -> Any:
-        def empty(a: Array) -> Array:
-            return np.empty((self._n, *a.shape[1:]), dtype=a.dtype)
-
-        if isinstance(sample, dict):
-            return {k: empty(v) for k, v in sample.items()}
-        if isinstance(sample, list):
-            return [empty(v) for v in sample]
-        return empty(sample)
-
-    @staticmethod
-    def _flat(value: Any) -> list[Array]:
-        if isinstance(value, dict):
-            return list(value.values())
-        if isinstance(value, list):
-            return value
-        return [value]
-
 
 def predict_chunks(
-    client: PredictionClient,
-    normalized: Any,
+    submit: SubmitChunk,
+    inputs: JobInput,
     *,
     chunk_size: int,
+    window: int,
     progress: bool,
-    timeout: float | None,
-    max_in_flight: int,
+    timeout_s: float,
 ) -> Any:
-    """Outputs for all rows of ``normalized``, in order."""
+    """Outputs for all rows of ``inputs``, in order, with at most ``window`` chunks unfinished.
+
+    ``timeout_s``: the longest wait for the next chunk's result.
+    """
     _check_chunk_size(chunk_size)
-    n = wire.rows(normalized)
-    if n == 0:
+    if inputs.rows == 0:
         raise InvalidInput("inputs: expected at least one row, received an empty batch")
-    window = max(1, min(max_in_flight, client.settings.max_in_flight))
-    outputs = _Outputs(n)
-    chunks = iter(range(0, n, chunk_size))
-    in_flight: dict[Any, Job] = {}
-    bar = tqdm(total=n, unit="rows", disable=not progress, desc="predict", smoothing=0.1)
+    outputs = _Outputs(inputs.rows)
+    chunks = _chunks(inputs, chunk_size)
+    in_flight: list[Job] = []
+    bar = tqdm(total=inputs.rows, unit="rows", disable=not progress, desc="predict", smoothing=0.1)
     try:
         while True:
-            for start in chunks:
-                stop = min(start + chunk_size, n)
-                job = client._submit(
-                    wire.take(normalized, start, stop), deadline_s=None, rows=slice(start, stop)
-                )
-                in_flight[job._future] = job
+            for chunk, rows in chunks:
+                in_flight.append(submit(chunk, rows=rows))
                 if len(in_flight) >= window:
                     break
             if not in_flight:
                 return outputs.value
-            done, _ = wait(
-                list(in_flight),
-                timeout=timeout or client.settings.result_timeout_s,
-                return_when=FIRST_COMPLETED,
-            )
+            done = wait_any(in_flight, timeout_s)
             if not done:
-                # Nothing came back within the timeout: let get() raise it.
-                next(iter(in_flight.values())).raw_result(timeout=1e-3)
-            for future in done:
-                job = in_flight.pop(future)
+                # Nothing came back within the timeout: let the oldest job raise it.
+                in_flight[0].raw_result(timeout=1e-3)
+            for job in done:
+                in_flight.remove(job)
                 assert job.rows is not None
                 try:
                     outputs.write(job.rows, job.raw_result(timeout=1))
@@ -156,6 +136,6 @@ def predict_chunks(
                     raise type(e)(f"rows {job.rows.start}:{job.rows.stop}: {e}") from e
                 bar.update(job.rows.stop - job.rows.start)
     finally:
-        for job in in_flight.values():
+        for job in in_flight:
             job.forget()
         bar.close()

@@ -3,10 +3,18 @@
 ``PredictionClient`` is thread-safe and meant to be shared: many threads submit
 (one LPUSH each, producer/publisher.py), and one collector thread delivers
 every result (producer/collector.py).
+
+One job, top to bottom: ``submit`` checks the input once (producer/wire.py, a
+``JobInput``), admits the job (deadline, size, queue length, in-flight slots),
+watches for its result (collector), publishes it (publisher, with the input by
+reference when large: predictq/payloads.py) and tracks it for lost-job recovery
+(recovery); the ``Job`` (producer/job.py) then waits for what the collector
+delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +33,7 @@ from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
     BrokerUnavailable,
+    PayloadTooLarge,
     PredictqError,
     QueueFull,
     TooManyInFlight,
@@ -32,11 +41,12 @@ from predictq.errors import (
 from predictq.kombu_layout import queue_keys
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
-from producer import wire
+from producer import bulk, wire
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
+from producer.wire import JobInput
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +113,7 @@ class PredictionClient:
         )
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
-        self._unfinished: dict[str, tuple[Any, datetime | None, str]] = {}
+        self._unfinished: dict[str, tuple[JobInput, datetime | None, str]] = {}
         self._recovery = LostJobRecovery(
             self._broker,
             queue_keys(self.settings.queue),
@@ -126,12 +136,11 @@ class PredictionClient:
         ``deadline_s``: if the job is still queued after this many seconds it is
         not run, and ``get`` raises ``DeadlineExceeded``.
         """
-        normalized = wire.normalize(inputs)
-        return self._submit(normalized, deadline_s=deadline_s, rows=None)
+        return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None)
 
     def _submit(
         self,
-        normalized: Any,
+        job_input: JobInput,
         *,
         deadline_s: float | None,
         rows: slice | None,
@@ -140,8 +149,7 @@ class PredictionClient:
         if self._closed:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
-        wire.rows(normalized)
-        wire.check_size(normalized, self.settings.max_payload_bytes)
+        self._check_size(job_input)
         self._check_queue_length()
         if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
             raise TooManyInFlight(
@@ -152,15 +160,24 @@ class PredictionClient:
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         try:
-            self._publish(job_id, normalized, expires, task)
+            self._publish(job_id, job_input, expires, task)
         except BaseException:
             self._collector.forget(job_id)
             self._slots.release()
             raise
-        self._unfinished[job_id] = (normalized, expires, task)
+        self._unfinished[job_id] = (job_input, expires, task)
         self._recovery.track(job_id)
         future.add_done_callback(lambda _f: self._finished(job_id))
         return self._job(job_id, future, rows)
+
+    def _check_size(self, job_input: JobInput) -> None:
+        """Refuse a job that the workers would refuse, before it is sent."""
+        limit = self.settings.max_payload_bytes
+        if job_input.nbytes > limit:
+            raise PayloadTooLarge(
+                f"inputs: expected at most {limit} bytes per job (PREDICTQ_MAX_PAYLOAD_BYTES), "
+                f"received {job_input.nbytes} bytes; use predict_many() to split it"
+            )
 
     def _job(self, job_id: str, future: Any, rows: slice | None = None) -> Job:
         return Job(
@@ -188,20 +205,22 @@ class PredictionClient:
             self._publish(job_id, *entry)
 
     def _publish(
-        self, job_id: str, normalized: Any, expires: datetime | None, task: str = PREDICT_TASK
+        self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
     ) -> None:
+        # Above inline_payload_bytes the input travels by reference (predictq/payloads.py).
         payload = None
-        argument: Any = normalized
-        if sum(a.nbytes for a in wire.arrays_of(normalized)) > self.settings.inline_payload_bytes:
+        argument: object = job_input.value
+        if job_input.nbytes > self.settings.inline_payload_bytes:
             argument = payloads.reference(job_id)
-            payload = (payloads.payload_key(job_id), codec.dumps(normalized), self._payload_ttl_s)
+            data = codec.dumps(job_input.value)
+            payload = (payloads.payload_key(job_id), data, self._payload_ttl_s)
         raw = self._publisher.encode(
             job_id,
             task,
             (argument,),
             expires=expires,
             headers={SENT_AT_HEADER: time.time()},
-            argsrepr=wire.summary(normalized),
+            argsrepr=job_input.summary,
         )
         self._retrying(lambda: self._publisher.publish(raw, payload))
 
@@ -289,13 +308,10 @@ class PredictionClient:
         busy while the caller reads results as it goes; a caller that only
         collects the handles submits everything (up to ``max_in_flight``).
         """
-        from producer.bulk import submit_chunks
-
-        return submit_chunks(
-            self,
+        return bulk.submit_chunks(
+            functools.partial(self._submit, deadline_s=deadline_s),
             wire.normalize(inputs),
             chunk_size=chunk_size,
-            deadline_s=deadline_s,
             window=window,
         )
 
@@ -314,16 +330,15 @@ class PredictionClient:
         any time, so memory stays at input + output + in-flight chunks.
         ``progress`` shows a tqdm bar on stderr.
         """
-        from producer.bulk import predict_chunks
-
         check_timeout("timeout", timeout)
-        return predict_chunks(
-            self,
+        cap = self.settings.max_in_flight
+        return bulk.predict_chunks(
+            functools.partial(self._submit, deadline_s=None),
             wire.normalize(inputs),
             chunk_size=chunk_size,
+            window=max(1, min(max_in_flight or cap, cap)),
             progress=progress,
-            timeout=timeout,
-            max_in_flight=max_in_flight or self.settings.max_in_flight,
+            timeout_s=timeout or self.settings.result_timeout_s,
         )
 
     # --- lifecycle -------------------------------------------------------------

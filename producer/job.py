@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import numpy as np
 from celery.exceptions import TaskRevokedError, WorkerLostError
 
 from predictq.errors import (
@@ -17,7 +18,7 @@ from predictq.errors import (
     ResultTimeout,
     WorkerLost,
 )
-from producer import wire
+from predictq.structure import flatten, unflatten
 
 #: Longest accepted deadline or timeout: anything larger is a unit mistake.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -63,7 +64,7 @@ class Job:
         Raises ``ResultTimeout`` if nothing arrived within ``timeout`` seconds
         (default ``PREDICTQ_RESULT_TIMEOUT_S``); the job may still finish later.
         """
-        return wire.writable(self.raw_result(timeout))
+        return _writable(self.raw_result(timeout))
 
     def raw_result(self, timeout: float | None = None) -> Any:
         """Like ``get``, but the arrays are read-only views of the received message."""
@@ -85,6 +86,22 @@ class Job:
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<Job {self.id} {state}>"
+
+
+def wait_any(jobs: Iterable[Job], timeout: float) -> list[Job]:
+    """The finished ones among ``jobs`` (in their order), waiting up to ``timeout`` s for one.
+
+    Returns an empty list if none finished in time.
+    """
+    by_future = {job._future: job for job in jobs}
+    done, _ = wait(by_future, timeout=timeout, return_when=FIRST_COMPLETED)
+    return [job for future, job in by_future.items() if future in done]
+
+
+def _writable(result: object) -> object:
+    """Decoded results share the message buffer (read-only): give callers their own copy."""
+    layout, leaves = flatten(result)
+    return unflatten(layout, [np.array(v) if isinstance(v, np.ndarray) else v for v in leaves])
 
 
 def _outcome(job_id: str, meta: dict[str, Any]) -> Any:

@@ -1,8 +1,10 @@
-"""Producer-side input handling: user values to wire-ready arrays, results back.
+"""A job's input on the producer side: user values in, one checked ``JobInput`` out.
 
 The producer does not know the model, so it only checks what every model
-needs (numeric dtypes, a batch dimension, the payload limit) and leaves shape
-checks to the worker, which answers with a precise ``InvalidInput``.
+needs (numeric dtypes, a batch dimension, the same number of rows in every
+input) and leaves shape checks to the worker, which answers with a precise
+``InvalidInput``. The client reads what it needs to send a job (the task
+argument, its size, a summary for Flower) from the ``JobInput``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,48 @@ from typing import Any
 
 import numpy as np
 
-from predictq.codec import NDARRAY_KEY, check_dtype, describe
-from predictq.errors import InvalidInput, PayloadTooLarge
+from predictq.codec import check_dtype, describe
+from predictq.errors import InvalidInput
+from predictq.structure import SINGLE, Layout, flatten, unflatten
 
 Array = np.ndarray[Any, Any]
 #: One array, a list of arrays (multi-input, in model order) or a dict by input name.
 Inputs = Array | Sequence[Array] | Mapping[str, Array]
+
+
+class JobInput:
+    """A job's input, checked: numeric arrays with the same number of rows, in their layout."""
+
+    def __init__(self, layout: Layout, arrays: list[Array]) -> None:
+        counts = {a.shape[0] for a in arrays}
+        if len(counts) != 1:
+            raise InvalidInput(
+                f"inputs: expected the same number of samples in every input, received {counts}"
+            )
+        self.layout = layout
+        self.arrays = arrays
+        #: Number of samples (the batch dimension).
+        self.rows = int(counts.pop())
+        #: Bytes of array data.
+        self.nbytes = sum(a.nbytes for a in arrays)
+        #: The task argument: one array, a list (multi-input) or a dict by input name.
+        self.value: Array | list[Array] | dict[str, Array] = unflatten(layout, arrays)
+        #: A short ``argsrepr`` for Flower and logs (never the data itself).
+        self.summary = _summary(layout, arrays)
+
+    def take(self, start: int, stop: int) -> JobInput:
+        """Rows ``[start, stop)`` of every input (views, no copy), in the same layout."""
+        return JobInput(self.layout, [a[start:stop] for a in self.arrays])
+
+
+def _summary(layout: Layout, arrays: list[Array]) -> str:
+    described = [describe(a) for a in arrays]
+    if layout.structure == "dict":
+        pairs = zip(layout.keys, described, strict=True)
+        return "{" + ", ".join(f"{k}: {d}" for k, d in pairs) + "}"
+    if layout.structure == "list":
+        return "[" + ", ".join(described) + "]"
+    return described[0]
 
 
 def _array(value: object, where: str) -> Array:
@@ -33,72 +71,19 @@ def _array(value: object, where: str) -> Array:
     return array
 
 
-def normalize(inputs: object) -> Array | list[Array] | dict[str, Array]:
-    """``inputs`` as arrays: one, a list (multi-input) or a dict by input name."""
-    if isinstance(inputs, Mapping) and NDARRAY_KEY not in inputs:
-        return {str(k): _array(v, f"input {k!r}") for k, v in inputs.items()}
-    if (
-        isinstance(inputs, list | tuple)
-        and inputs
-        and all(isinstance(v, np.ndarray) for v in inputs)
-    ):
-        return [_array(v, f"input {i}") for i, v in enumerate(inputs)]
-    return _array(inputs, "inputs")
+def normalize(inputs: object) -> JobInput:
+    """``inputs`` (one array, a list of arrays, or a dict by input name) as a checked JobInput.
 
-
-def arrays_of(normalized: Array | list[Array] | dict[str, Array]) -> list[Array]:
-    """The arrays inside a normalized input."""
-    if isinstance(normalized, dict):
-        return list(normalized.values())
-    if isinstance(normalized, list):
-        return normalized
-    return [normalized]
-
-
-def rows(normalized: Array | list[Array] | dict[str, Array]) -> int:
-    """Number of samples (the batch dimension), checked equal across inputs."""
-    counts = {a.shape[0] for a in arrays_of(normalized)}
-    if len(counts) != 1:
-        raise InvalidInput(
-            f"inputs: expected the same number of samples in every input, received {counts}"
-        )
-    return int(counts.pop())
-
-
-def take(normalized: Array | list[Array] | dict[str, Array], start: int, stop: int) -> Any:
-    """Rows ``[start, stop)`` of every input, in the same structure."""
-    if isinstance(normalized, dict):
-        return {k: v[start:stop] for k, v in normalized.items()}
-    if isinstance(normalized, list):
-        return [v[start:stop] for v in normalized]
-    return normalized[start:stop]
-
-
-def check_size(normalized: Array | list[Array] | dict[str, Array], limit_bytes: int) -> None:
-    """Refuse a job that the workers would refuse, before it is sent."""
-    total = sum(a.nbytes for a in arrays_of(normalized))
-    if total > limit_bytes:
-        raise PayloadTooLarge(
-            f"inputs: expected at most {limit_bytes} bytes per job (PREDICTQ_MAX_PAYLOAD_BYTES), "
-            f"received {total} bytes; use predict_many() to split it"
-        )
-
-
-def summary(normalized: Array | list[Array] | dict[str, Array]) -> str:
-    """A short ``argsrepr`` for Flower and logs (never the data itself)."""
-    if isinstance(normalized, dict):
-        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in normalized.items()) + "}"
-    if isinstance(normalized, list):
-        return "[" + ", ".join(describe(v) for v in normalized) + "]"
-    return describe(normalized)
-
-
-def writable(value: object) -> object:
-    """Decoded results share the message buffer (read-only): give callers their own copy."""
-    if isinstance(value, np.ndarray):
-        return np.array(value)
-    if isinstance(value, dict):
-        return {k: writable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [writable(v) for v in value]
-    return value
+    A list counts as several inputs only when every item is an ndarray; any
+    other list (nested lists of numbers) is one array.
+    """
+    layout, values = flatten(inputs)
+    arrays_listed = bool(values) and all(isinstance(v, np.ndarray) for v in values)
+    if layout.structure == "list" and not arrays_listed:
+        layout, values = SINGLE, [inputs]
+    wheres = ["inputs"] if layout.structure == "single" else [f"input {k!r}" for k in layout.keys]
+    arrays = [_array(v, where) for v, where in zip(values, wheres, strict=True)]
+    if layout.structure == "dict":
+        # The worker matches keys with the model's input names (strings).
+        layout = Layout("dict", tuple(str(k) for k in layout.keys))
+    return JobInput(layout, arrays)

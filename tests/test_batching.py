@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from predictq.errors import PredictionError
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.layers import FAIL, SHORT

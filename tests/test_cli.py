@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.redis_server import RedisServer, free_port
 from tests.support import models
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess

@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 import yaml
 
-from predictq.cli import cli
-from predictq.redis_server import RedisServer, bundled_binary, free_port
 from predictq.settings import Settings
+from predictq_ops.cli import cli
+from predictq_ops.redis_server import RedisServer, bundled_binary, free_port
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import ROOT, base_env, wait_for
@@ -260,7 +260,7 @@ def global_args() -> dict[str, str]:
 def local_argv(argv: list[str]) -> list[str]:
     """What the image's ``predictq``/``python`` resolve to, in this test environment."""
     if argv[0] == "predictq":
-        return [sys.executable, "-m", "predictq.cli", *argv[1:]]
+        return [sys.executable, "-m", "predictq_ops.cli", *argv[1:]]
     if argv[0] in ("python", "python3"):
         return [sys.executable, *argv[1:]]
     return argv

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 
 from predictq.errors import InvalidInput, InvalidMessage
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess, base_env
@@ -264,7 +264,7 @@ def test_cli_predict_reads_npy_and_writes_predictions(
         [
             sys.executable,
             "-m",
-            "predictq.cli",
+            "predictq_ops.cli",
             "predict",
             str(tmp_path / "in.npy"),
             "-o",
@@ -286,7 +286,7 @@ def test_cli_predict_reads_npy_and_writes_predictions(
         [
             sys.executable,
             "-m",
-            "predictq.cli",
+            "predictq_ops.cli",
             "predict",
             str(tmp_path / "in.npz"),
             "-o",

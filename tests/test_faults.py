@@ -20,7 +20,7 @@ from predictq.errors import (
     QueueFull,
     TooManyInFlight,
 )
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support import models
 from tests.support.cluster import (

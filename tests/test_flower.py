@@ -14,7 +14,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import PredictionClient
 from tests.support import models
 from tests.support.ops import clean_env, http_get
@@ -97,7 +97,7 @@ def flower(
     """`predictq flower` with basic auth, watching the session Redis (and the mlp worker)."""
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
     server = Flower(
-        [sys.executable, "-m", "predictq.cli", "flower"], flower_env(redis_server), log_path
+        [sys.executable, "-m", "predictq_ops.cli", "flower"], flower_env(redis_server), log_path
     )
     try:
         server.wait_answering()
@@ -189,7 +189,7 @@ def test_plain_celery_flower_applies_the_predictq_basic_auth_setting(
         stop_process(server.process)
 
 
-PREDICTQ_FLOWER = [sys.executable, "-m", "predictq.cli", "flower"]
+PREDICTQ_FLOWER = [sys.executable, "-m", "predictq_ops.cli", "flower"]
 CELERY_FLOWER = [sys.executable, "-m", "celery", "-A", "workers", "flower"]
 
 

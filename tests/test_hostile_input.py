@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.codec import CONTENT_TYPE
 from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge, PredictqError
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess

@@ -23,8 +23,9 @@ from kombu.utils.json import dumps as kombu_dumps
 
 from predictq import kombu_layout
 from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
+from producer.wire import JobInput
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -68,14 +69,14 @@ def test_key_names_are_the_installed_kombus(channel: Any, queue: str) -> None:
     ]
 
 
-def _send_task(client: PredictionClient, task_id: str, x: Any, **options: Any) -> None:
+def _send_task(client: PredictionClient, task_id: str, x: JobInput, **options: Any) -> None:
     """What predictq publishes, through Celery's own ``send_task`` and kombu's producer."""
     client._app.send_task(
         PREDICT_TASK,
-        args=(x,),
+        args=(x.value,),
         task_id=task_id,
         headers={SENT_AT_HEADER: 1.5},
-        argsrepr=wire.summary(x),
+        argsrepr=x.summary,
         ignore_result=False,  # predictq asks for every result (None: the task decides)
         **options,
     )
@@ -95,10 +96,10 @@ def test_envelope_is_what_send_task_pushes_field_by_field(
     ours_raw = client._publisher.encode(
         "task-1",
         PREDICT_TASK,
-        (x,),
+        (x.value,),
         expires=expires,
         headers={SENT_AT_HEADER: 1.5},
-        argsrepr=wire.summary(x),
+        argsrepr=x.summary,
     )
     ours = json.loads(ours_raw)
     # Written as kombu writes JSON (separators, escaping, key order).

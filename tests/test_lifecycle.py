@@ -24,7 +24,7 @@ import redis
 
 from predictq.errors import PoisonJob, PredictionError
 from predictq.readiness import read_records
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.redis_server import RedisServer, free_port
 from tests.support import models
 from tests.support.cluster import (
     assert_all_correct,

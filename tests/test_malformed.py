@@ -33,7 +33,7 @@ from predictq.errors import (
     PredictqError,
 )
 from predictq.kombu_layout import UNACKED_KEY
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.cluster import client_on, worker_on

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from predictq.errors import InvalidInput
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import PredictionClient
 from tests.support import models
 from tests.support.ops import clean_env, http_get, run_cli

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess, is_dead

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from predictq.cli import cli
 from predictq.settings import settings_help
+from predictq_ops.cli import cli
 from workers import metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import redis
 from kombu import Connection
 
 from predictq.kombu_layout import UNACKED_KEY, encode_message, list_key, queue_keys
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 from producer.recovery import LostJobRecovery
 
@@ -198,7 +198,7 @@ def test_a_sweep_over_a_100k_message_queue_keeps_redis_answering_within_millisec
         ) as client:
             x = wire.normalize(np.zeros((1, 64), dtype=np.float32))
             template = client._publisher.encode(
-                "TEMPLATE", "predictq.predict", (x,), expires=None, headers={}, argsrepr=""
+                "TEMPLATE", "predictq.predict", (x.value,), expires=None, headers={}, argsrepr=""
             )
         for start in range(0, depth, 1000):
             batch = [template.replace(b"TEMPLATE", b"q-%d" % i) for i in range(start, start + 1000)]

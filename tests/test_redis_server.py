@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from predictq.redis_server import RedisServer, bundled_binary
+from predictq_ops.redis_server import RedisServer, bundled_binary
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess

@@ -16,8 +16,8 @@ import pytest
 
 from predictq.errors import PoisonJob, PredictionError, Requeue
 from predictq.redis_client import client_from_url
-from predictq.redis_server import RedisServer, free_port
 from predictq.settings import Settings
+from predictq_ops.redis_server import RedisServer, free_port
 from workers import deliveries
 from workers.batcher import Batcher
 from workers.deliveries import DeliveryTracker

@@ -27,8 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from predictq.celeryconf import celery_config
 from predictq.codec import ACCEPT_CONTENT
-from predictq.redis_server import RedisServer, TlsFiles, free_port
 from predictq.settings import Settings
+from predictq_ops.redis_server import RedisServer, TlsFiles, free_port
 from producer import BrokerUnavailable, PredictionClient
 from tests.support import models
 from tests.support.processes import ROOT, WorkerProcess, base_env, wait_for
@@ -175,7 +175,7 @@ def test_flower_enforces_its_password_but_never_shows_it_on_a_command_line(
     log_path = tmp_path / "flower.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "predictq.cli", "flower"],
+            [sys.executable, "-m", "predictq_ops.cli", "flower"],
             env=env,
             cwd=ROOT,
             stdout=log,

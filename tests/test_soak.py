@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess

@@ -11,7 +11,7 @@ from celery import Celery
 
 from predictq import codec, payloads
 from predictq.errors import InvalidInput
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import wait_for

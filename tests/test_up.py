@@ -18,8 +18,8 @@ import numpy as np
 import psutil
 import pytest
 
-from predictq.demo import HOLDOUT_FILE
-from predictq.redis_server import RedisServer, free_port
+from predictq_ops.demo import HOLDOUT_FILE
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import PredictionClient
 from tests.support.ops import clean_env, http_get
 from tests.support.processes import ROOT, wait_for
@@ -49,7 +49,7 @@ class UpRun:
         self.stderr_path = stderr_path
         with open(stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "predictq.cli", "up", *args],
+                [sys.executable, "-m", "predictq_ops.cli", "up", *args],
                 env=env,
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

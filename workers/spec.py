@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Structure = Literal["single", "list", "dict"]
+from predictq.structure import Layout, Structure, unflatten
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,19 @@ class ModelSpec:
         """Names of the inputs, in call order."""
         return [s.name for s in self.inputs]
 
+    @property
+    def input_layout(self) -> Layout:
+        """How the model takes its inputs: one tensor, a list, or a dict by name."""
+        return Layout.of(self.input_structure, self.input_names)
+
+    @property
+    def output_layout(self) -> Layout:
+        """How the model returns its outputs: one tensor, a list, or a dict by name."""
+        return Layout.of(self.output_structure, [s.name for s in self.outputs])
+
     def structure_outputs(self, flat: Sequence[np.ndarray[Any, Any]]) -> object:
         """Outputs in the model's own structure: one array, a list, or a dict by name."""
-        if self.output_structure == "single":
-            return flat[0]
-        if self.output_structure == "dict":
-            return {s.name: a for s, a in zip(self.outputs, flat, strict=True)}
-        return list(flat)
+        return unflatten(self.output_layout, flat)
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-friendly description (readiness record, `predictq info`)."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from predictq.codec import NDARRAY_KEY, check_dtype, decode_array, describe
 from predictq.errors import InvalidInput
+from predictq.structure import flatten
 from workers.spec import ModelSpec, TensorSpec
 
 Array = np.ndarray[Any, Any]
@@ -47,20 +48,21 @@ def to_array(value: object, where: str) -> Array:
 def split_inputs(raw: object, spec: ModelSpec) -> list[object]:
     """The raw values for each model input, in the model's input order."""
     names = spec.input_names
-    if isinstance(raw, dict) and NDARRAY_KEY not in raw:
-        missing = [n for n in names if n not in raw]
-        extra = sorted(str(k) for k in raw if k not in names)
+    layout, values = flatten(raw)
+    if layout.structure == "dict":
+        missing = [n for n in names if n not in layout.keys]
+        extra = sorted(str(k) for k in layout.keys if k not in names)
         if missing or extra:
             raise InvalidInput(
-                f"inputs: expected keys {names}, received keys {sorted(map(str, raw))}"
+                f"inputs: expected keys {names}, received keys {sorted(map(str, layout.keys))}"
                 + (f" (missing {missing})" if missing else "")
                 + (f" (unexpected {extra})" if extra else "")
             )
-        return [raw[n] for n in names]
+        return flatten(raw, order=names)[1]
     if len(names) == 1:
-        return [raw]
-    if isinstance(raw, list | tuple) and len(raw) == len(names):
-        return list(raw)
+        return [raw]  # one array, in any form (nested lists included)
+    if layout.structure == "list" and len(values) == len(names):
+        return values
     raise InvalidInput(
         f"inputs: the model has {len(names)} inputs {names}; expected a list of "
         f"{len(names)} arrays or a dict by name, received {describe(raw)}"

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from predictq.errors import PredictqError, ResultTimeout
-from predictq.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess

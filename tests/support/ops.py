@@ -31,9 +31,9 @@ def http_get(url: str, auth: str | None = None, timeout_s: float = 10.0) -> tupl
 def run_cli(
     *args: str, env: dict[str, str], timeout_s: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m predictq.cli ARGS` to completion."""
+    """`python -m predictq_ops.cli ARGS` to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "predictq.cli", *args],
+        [sys.executable, "-m", "predictq_ops.cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -17,7 +17,7 @@ import psutil
 import redis
 
 from predictq.readiness import serving_records
-from predictq.redis_server import free_port
+from predictq_ops.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ class WorkerProcess:
         self.argv = [
             sys.executable,
             "-m",
-            "predictq.cli",
+            "predictq_ops.cli",
             "worker",
             "--pool",
             pool,

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from predictq.demo import HOLDOUT_FILE, MODEL_FILE
 from predictq.errors import ConfigError, PredictqError
 from predictq.readiness import read_records
 from predictq.redis_client import client_from_url
-from predictq.redis_server import RedisServer, free_port, is_reachable
 from predictq.settings import Settings, mask_url
+from predictq_ops.demo import HOLDOUT_FILE, MODEL_FILE
+from predictq_ops.redis_server import RedisServer, free_port, is_reachable
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Supervisor:
         log_path = os.path.join(self.workdir, "demo.log")
         with open(log_path, "wb") as logfile:
             trainer = spawn_supervised(
-                [sys.executable, "-m", "predictq.demo", out_dir],
+                [sys.executable, "-m", "predictq_ops.demo", out_dir],
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                 output=logfile,
             )
@@ -177,14 +177,14 @@ class Supervisor:
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
         env.setdefault("PREDICTQ_METRICS_PORT", str(free_port()))
-        self._spawn("worker", [sys.executable, "-m", "predictq.cli", "worker"], env)
+        self._spawn("worker", [sys.executable, "-m", "predictq_ops.cli", "worker"], env)
         flower_url = ""
         if self.options.flower:
             env.setdefault("PREDICTQ_FLOWER_PORT", str(self.settings.flower_port))
             # Local only: the embedded system has no password of its own.
             self._spawn(
                 "flower",
-                [sys.executable, "-m", "predictq.cli", "flower", "--address=127.0.0.1"],
+                [sys.executable, "-m", "predictq_ops.cli", "flower", "--address=127.0.0.1"],
                 env,
             )
             flower_url = f"http://127.0.0.1:{env['PREDICTQ_FLOWER_PORT']}"

@@ -1,7 +1,7 @@
 """The demo model: a small MLP trained on scikit-learn's bundled digits dataset.
 
 The dataset ships inside scikit-learn (no download). Training runs in its own
-process (``python -m predictq.demo OUT_DIR``) so that the ``predictq up``
+process (``python -m predictq_ops.demo OUT_DIR``) so that the ``predictq up``
 supervisor never imports TensorFlow.
 """
 

@@ -151,7 +151,7 @@ def up(demo: bool, model_path: str | None, once: bool, no_flower: bool) -> None:
 
     Ctrl-C (or SIGTERM) stops all of them; during start-up, with status 130 (143).
     """
-    from predictq.up import StartupInterrupted, Supervisor, UpOptions
+    from predictq_ops.up import StartupInterrupted, Supervisor, UpOptions
 
     settings = Settings.from_env()
     options = UpOptions(
@@ -180,7 +180,7 @@ def up(demo: bool, model_path: str | None, once: bool, no_flower: bool) -> None:
 
 
 def _run_demo(settings: Settings, started: dict[str, str]) -> None:
-    from predictq.demo import evaluate
+    from predictq_ops.demo import evaluate
     from producer import PredictionClient
 
     config = settings.replace(
