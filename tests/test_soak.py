@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient
@@ -25,8 +28,27 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
-def rss_mb(worker: WorkerProcess) -> float:
-    return psutil.Process(worker.pid).memory_info().rss / 2**20
+@dataclass(frozen=True)
+class Reading:
+    """A worker's resident memory and the jobs it had finished, read together."""
+
+    rss_bytes: int
+    served: int
+
+    @classmethod
+    def of(cls, worker: WorkerProcess) -> Reading:
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            families = text_string_to_metric_families(r.read().decode())
+        served = sum(
+            s.value for f in families for s in f.samples if s.name == "predictq_jobs_total"
+        )
+        return cls(psutil.Process(worker.pid).memory_info().rss, int(served))
+
+    def growth_per_job(self, later: Reading) -> float:
+        """Bytes of RSS growth per job finished between this reading and ``later``."""
+        assert later.served > self.served + 1000, (self, later)  # enough jobs to measure
+        return (later.rss_bytes - self.rss_bytes) / (later.served - self.served)
 
 
 @pytest.mark.slow
@@ -64,7 +86,6 @@ def test_20k_jobs_survive_a_worker_kill_and_a_redis_restart_with_bounded_memory(
         ) as client:
             for job in [client.submit(x[i]) for i in range(200)]:
                 job.get()
-            steady_start = rss_mb(steady)
 
             def producer(p: int) -> None:
                 for i in range(p, JOBS, PRODUCERS):
@@ -81,30 +102,35 @@ def test_20k_jobs_survive_a_worker_kill_and_a_redis_restart_with_bounded_memory(
                 jobs[i].get()  # type: ignore[union-attr]
 
             done_by(JOBS // 4)
+            steady_from = Reading.of(steady)  # warm: a few thousand jobs served
             victim.kill()
             replacement = start("replacement")
             done_by(JOBS // 2)
             aof_redis.restart()
             replacement.wait_ready()
-            replacement_start = rss_mb(replacement)
+            replacement_from = Reading.of(replacement)  # warm: it served since the kill
             for t in threads:
                 t.join()
             correct = sum(
                 bool(np.allclose(job.get(), expected[i : i + 1], atol=1e-5))  # type: ignore[union-attr]
                 for i, job in enumerate(jobs)
             )
-            steady_end, replacement_end = rss_mb(steady), rss_mb(replacement)
+            steady_growth = steady_from.growth_per_job(Reading.of(steady))
+            replacement_growth = replacement_from.growth_per_job(Reading.of(replacement))
             republished = client._recovery.republished
         report = (
-            f"correct {correct}/{JOBS}; RSS steady {steady_start:.0f}->{steady_end:.0f} MB, "
-            f"replacement {replacement_start:.0f}->{replacement_end:.0f} MB; "
-            f"republished by the producer: {republished}"
+            f"correct {correct}/{JOBS}; RSS growth per job: steady {steady_growth:.0f} B, "
+            f"replacement {replacement_growth:.0f} B; republished by the producer: {republished}"
         )
         print(report)
         record_property("soak", report)  # type: ignore[operator]
         assert correct == JOBS
-        assert steady_end < steady_start + 200, report
-        assert replacement_end < replacement_start + 200, report
+        # Growth per job after warm-up, over the thousands of jobs each worker served since
+        # (about 8,000 and 4,500). Seen: under 0.7 KB per job, mostly one-off steps (Redis
+        # reconnections, allocator arenas). 3 KB leaves that noise a 4x margin, and a leak
+        # of 10 KB per job exceeds it threefold.
+        assert steady_growth < 3072, report
+        assert replacement_growth < 3072, report
         assert steady.process is not None and steady.process.poll() is None
     finally:
         steady.stop()
