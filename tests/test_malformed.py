@@ -348,7 +348,7 @@ CASES: dict[str, Case] = {
             t, header_changes={"expires": (datetime.now(UTC) - timedelta(hours=1)).isoformat()}
         ),
         DeadlineExceeded,
-        "expired .* before a worker received it",
+        "its deadline passed .* before a worker received it",
         "expired",
         dead_letter=False,
     ),

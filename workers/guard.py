@@ -231,7 +231,7 @@ def _check_expiry(raw: str, task_id: str) -> None:
         raise Refusal(
             "expired",
             DeadlineExceeded(
-                f"job {task_id} expired {late_s:.3f}s before a worker received it "
+                f"job {task_id}: its deadline passed {late_s:.3f}s before a worker received it "
                 f"(expires {raw}); it was not run"
             ),
             task_id=task_id,
