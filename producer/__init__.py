@@ -3,6 +3,7 @@
 >>> from producer import PredictionClient
 >>> client = PredictionClient()            # PREDICTQ_BROKER_URL / PREDICTQ_RESULT_BACKEND
 >>> probs = client.predict(x, timeout=30)  # x: np.ndarray, first dimension = batch
+>>> probs = await client.apredict(x, timeout=30)  # the same from asyncio code
 
 This package never imports TensorFlow.
 """

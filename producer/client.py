@@ -9,11 +9,14 @@ One job, top to bottom: ``submit`` checks the input once (producer/wire.py, a
 watches for its result (collector), publishes it (publisher, with the input by
 reference when large: predictq/payloads.py) and tracks it for lost-job recovery
 (recovery); the ``Job`` (producer/job.py) then waits for what the collector
-delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``.
+delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``, and so
+do asyncio ones (``asubmit``, ``apredict``: producer/aio.py), from a few
+threads of the client's own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -36,12 +39,14 @@ from predictq.errors import (
     PayloadTooLarge,
     PredictqError,
     QueueFull,
+    ResultTimeout,
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
+from producer.aio import SubmitPool
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
 from producer.publisher import RedisPublisher
@@ -124,6 +129,7 @@ class PredictionClient:
         self._slots = threading.BoundedSemaphore(self.settings.max_in_flight)
         self._queue_lock = threading.Lock()
         self._queue_estimate: tuple[float, int] = (0.0, 0)
+        self._submit_pool = SubmitPool()
         self._closed = False
 
     # --- submitting ------------------------------------------------------------
@@ -253,6 +259,37 @@ class PredictionClient:
         """A handle on a job submitted elsewhere (another process, an earlier run)."""
         return self._job(job_id, self._collector.watch(job_id))
 
+    # --- asyncio ---------------------------------------------------------------
+
+    async def asubmit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+        """``submit`` for asyncio code: ``job = await client.asubmit(x)``, then ``await job``.
+
+        The submit (input checks, Redis I/O, waiting for an in-flight slot) runs
+        on the client's submit threads, never on the event loop. If the awaiting
+        task is cancelled meanwhile, a job already sent is forgotten at once.
+        """
+        if self._closed:
+            raise PredictqError("the client is closed")
+        submit = functools.partial(self.submit, inputs, deadline_s=deadline_s)
+        return await self._submit_pool.run(submit, abandoned=Job.forget)
+
+    async def apredict(
+        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+    ) -> Any:
+        """``predict`` for asyncio code: ``await client.apredict(x, timeout=30)``.
+
+        Raises the same typed errors as ``predict``. On ``ResultTimeout``, or when
+        the awaiting task is cancelled, the job is forgotten: its in-flight slot
+        is freed at once, though the job itself may still run on a worker.
+        """
+        check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
+        job = await self.asubmit(inputs, deadline_s=deadline_s)
+        try:
+            return await job.aget(timeout)
+        except ResultTimeout:
+            job.forget()  # nobody else holds the job
+            raise
+
     # --- queue -----------------------------------------------------------------
 
     def queue_length(self) -> int:
@@ -348,11 +385,16 @@ class PredictionClient:
         if self._closed:
             return
         self._closed = True
+        self._submit_pool.close()  # before the connections that running submits use
         self._recovery.close()
         self._collector.close()
         self._app.close()
         self._broker.close()
         self._results.close()
+
+    async def aclose(self) -> None:
+        """``close`` for asyncio code, off the loop (it joins the client's threads)."""
+        await asyncio.to_thread(self.close)
 
     def __enter__(self) -> PredictionClient:
         return self

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -19,6 +20,7 @@ from predictq.errors import (
     WorkerLost,
 )
 from predictq.structure import flatten, unflatten
+from producer.aio import wait_done
 
 #: Longest accepted deadline or timeout: anything larger is a unit mistake.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -36,7 +38,7 @@ def check_timeout(name: str, value: float | None) -> float | None:
 
 
 class Job:
-    """A submitted prediction: wait for it with ``get``."""
+    """A submitted prediction: wait for it with ``get``, or ``await`` it in asyncio code."""
 
     def __init__(
         self,
@@ -68,7 +70,37 @@ class Job:
 
     def raw_result(self, timeout: float | None = None) -> Any:
         """Like ``get``, but the arrays are read-only views of the received message."""
+        return self._outcome_within(check_timeout("timeout", timeout) or self._default_timeout_s)
+
+    async def aget(self, timeout: float | None = None) -> Any:
+        """``get`` for asyncio code: ``await job.aget(timeout)``, or ``await job``.
+
+        The loop never blocks and no thread waits: the collector thread wakes
+        this task when the result arrives. Raises the job's typed error, or
+        ``ResultTimeout`` after ``timeout`` seconds (default
+        ``PREDICTQ_RESULT_TIMEOUT_S``); after a timeout the job is still
+        watched, as after ``get``: await it again, or ``forget`` it.
+
+        Cancelling the awaiting task (a web client that went away,
+        ``asyncio.wait_for``) forgets the job: its in-flight slot is freed and
+        its result no longer watched, but the job itself may still run on a
+        worker.
+        """
         wait_s = check_timeout("timeout", timeout) or self._default_timeout_s
+        try:
+            arrived = await wait_done(self._future, wait_s)
+        except asyncio.CancelledError:
+            self.forget()
+            raise
+        if not arrived:
+            raise ResultTimeout(f"job {self.id}: no result within {wait_s:g}s")
+        return _writable(self._outcome_within(wait_s))  # done: returns at once
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await job``: ``await job.aget()`` with the default timeout."""
+        return self.aget().__await__()
+
+    def _outcome_within(self, wait_s: float) -> Any:
         try:
             meta = self._future.result(wait_s)
         except FutureTimeout as e:
