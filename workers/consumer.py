@@ -103,7 +103,9 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
             # the worker exits when Redis restarts. The messages are still in
             # Redis's unacked index and the visibility timeout redelivers them,
             # so carry on reconnecting. Acks on such a channel are handled in
-            # workers/transport.py (GuardedMessage).
+            # workers/transport.py (GuardedMessage). Upstream: the same restore
+            # through a vanished client, celery/kombu#970; a worker that stops
+            # consuming after a broker connection reset, celery/celery#10205.
             log.warning(
                 "broker connection lost with unacknowledged messages; they are "
                 "redelivered after PREDICTQ_VISIBILITY_TIMEOUT_S",
