@@ -159,8 +159,8 @@ class GuardedMessage(VirtualMessage):
     through its message's old channel, whose client is gone, and kombu raises
     AttributeError ('NoneType' object has no attribute ...) instead of a
     connection error (the family of celery/kombu#970). Celery's ``ack_log_error``
-    lets only connection errors through ("Couldn't ack"; the message is redelivered after the visibility
-    timeout) and treats anything else as fatal. Here, and only here, the
+    lets only connection errors through ("Couldn't ack"; the message is
+    redelivered after the visibility timeout) and treats anything else as fatal. Here, and only here, the
     AttributeError becomes the connection error it is.
     """
 
