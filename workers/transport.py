@@ -160,8 +160,8 @@ class GuardedMessage(VirtualMessage):
     AttributeError ('NoneType' object has no attribute ...) instead of a
     connection error (the family of celery/kombu#970). Celery's ``ack_log_error``
     lets only connection errors through ("Couldn't ack"; the message is
-    redelivered after the visibility timeout) and treats anything else as fatal. Here, and only here, the
-    AttributeError becomes the connection error it is.
+    redelivered after the visibility timeout) and treats anything else as fatal.
+    Here, and only here, the AttributeError becomes the connection error it is.
     """
 
     def ack(self, multiple: bool = False) -> None:
