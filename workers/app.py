@@ -66,6 +66,8 @@ def export_flower_options(settings: Settings) -> None:
     if settings.flower_basic_auth:
         os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower_basic_auth)
     os.environ.setdefault("FLOWER_PORT", str(settings.flower_port))
+    if settings.flower_address is not None:
+        os.environ.setdefault("FLOWER_ADDRESS", settings.flower_address)
     _install_flower_guard()
 
 
