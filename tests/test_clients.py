@@ -65,12 +65,28 @@ def worker(server: RedisServer, model_path: str) -> Iterator[WorkerProcess]:
         worker.stop()
 
 
+def close_client(app: Celery) -> None:
+    """Close a Celery client's broker and result connections (while its Redis still runs)."""
+    if app.conf.result_backend:
+        app.backend.result_consumer.stop()
+        app.backend.client.connection_pool.disconnect()
+    app.close()
+
+
 @pytest.fixture()
 def plain(server: RedisServer, worker: WorkerProcess) -> Iterator[Celery]:
     """A Python Celery client with Celery's default settings."""
     app = Celery("plain", broker=server.url(0), backend=server.url(1), set_as_current=False)
     yield app
-    app.close()
+    close_client(app)
+
+
+@pytest.fixture()
+def sender(server: RedisServer, worker: WorkerProcess) -> Iterator[Celery]:
+    """A Celery client with default settings and no result backend: it only sends."""
+    app = Celery("sender", broker=server.url(0), set_as_current=False)
+    yield app
+    close_client(app)
 
 
 def reference(model_path: str, x: Any) -> np.ndarray[Any, Any]:
@@ -188,12 +204,12 @@ def test_a_json_job_gets_a_json_record_in_the_form_it_sent_and_no_traceback(
 
 
 def test_a_msgpack_job_keeps_its_msgpack_record_and_the_producer_reads_both_kinds(
-    plain: Celery, server: RedisServer, model_path: str
+    sender: Celery, server: RedisServer, model_path: str
 ) -> None:
     x = np.random.default_rng(2).random((2, FEATURES), dtype=np.float32)
-    lists = plain.send_task(PREDICT, args=[x.tolist()], queue="predictq")
-    maps = plain.send_task(PREDICT, args=[ndarray_map(x)], queue="predictq")
-    bad = plain.send_task(PREDICT, args=[[[0.1] * 63]], queue="predictq")
+    lists = sender.send_task(PREDICT, args=[x.tolist()], queue="predictq")
+    maps = sender.send_task(PREDICT, args=[ndarray_map(x)], queue="predictq")
+    bad = sender.send_task(PREDICT, args=[[[0.1] * 63]], queue="predictq")
     with PredictionClient(
         broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=60
     ) as client:
@@ -230,7 +246,7 @@ def test_a_python_celery_client_sending_msgpack_reads_arrays_with_the_readme_set
     try:
         out = app.send_task(PREDICT, args=[x], queue="predictq").get(timeout=60)
     finally:
-        app.close()
+        close_client(app)
     assert isinstance(out, np.ndarray) and np.array_equal(out, reference(model_path, x))
 
 
@@ -296,30 +312,24 @@ def test_failure_records_carry_the_traceback_only_when_the_setting_says_so(
 
 
 def test_a_refused_message_is_answered_in_json_unless_it_was_msgpack(
-    worker: WorkerProcess, server: RedisServer
+    sender: Celery, server: RedisServer
 ) -> None:
     register_serializer()
-    app = Celery("refused", broker=server.url(0), set_as_current=False)
-    try:
+    with PredictionClient(
+        broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=60
+    ) as client:
         for serializer in ("json", "predictq-msgpack"):
             # An eta is refused before anything runs (predictq never holds jobs).
-            result = app.send_task(
+            result = sender.send_task(
                 PREDICT,
                 args=[[[0.1] * FEATURES]],
                 queue="predictq",
                 countdown=60,
                 serializer=serializer,
             )
-            with (
-                PredictionClient(
-                    broker_url=server.url(0), result_backend=server.url(1), result_timeout_s=60
-                ) as client,
-                pytest.raises(InvalidInput, match="expected no 'eta'"),
-            ):
+            with pytest.raises(InvalidInput, match="expected no 'eta'"):
                 client.job(result.id).get()
             raw = stored(server, result.id)
             record = json.loads(raw) if serializer == "json" else msgpack.unpackb(raw)
             assert record["result"]["exc_type"] == "InvalidMessage"
             assert record["traceback"] is None
-    finally:
-        app.close()
