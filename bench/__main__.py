@@ -24,7 +24,6 @@ from bench import procs
 from bench.models import BenchModel, build
 from bench.scenarios import Result, bulk, closed_loop, interleaved, raw
 from predictq.celeryconf import NOOP_TASK
-from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 
@@ -182,14 +181,8 @@ def _celery_noop(
     """The no-op through a plain Celery client: send_task + AsyncResult.get per thread."""
     from celery import Celery
 
+    # Celery's default settings: JSON jobs, whose results workers store as JSON.
     app = Celery("plain-client", broker=broker, backend=backend, set_as_current=False)
-    # Redis stores results without their content type: a plain client must be
-    # told the workers' result serializer to read them.
-    app.conf.update(
-        task_serializer="json",
-        result_serializer=SERIALIZER_NAME,
-        result_accept_content=list(ACCEPT_CONTENT),
-    )
 
     def call(i: int) -> Any:
         app.send_task(NOOP_TASK, args=[x[i : i + 1].tolist()], queue=queue).get(timeout=60)

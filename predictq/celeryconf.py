@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from predictq.codec import ACCEPT_CONTENT, SERIALIZER_NAME
+from predictq.codec import (
+    ACCEPT_CONTENT,
+    RESULT_CONTENT_TYPE,
+    RESULT_SERIALIZER,
+    SERIALIZER_NAME,
+)
 from predictq.settings import Settings
 
 PREDICT_TASK: Final = "predictq.predict"
@@ -60,9 +65,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_retry_on_timeout": True,
         "redis_backend_health_check_interval": 10,
         "task_serializer": SERIALIZER_NAME,
-        "result_serializer": SERIALIZER_NAME,
+        # Results are msgpack for msgpack jobs and JSON for JSON jobs (chosen per
+        # job by the workers' result backend, workers/results.py); Redis stores
+        # no content type, so both sides read results with one serializer that
+        # recognises either (predictq.codec.loads_result).
+        "result_serializer": RESULT_SERIALIZER,
         "accept_content": list(ACCEPT_CONTENT),
-        "result_accept_content": list(ACCEPT_CONTENT),
+        "result_accept_content": [RESULT_CONTENT_TYPE],
         "event_serializer": "json",
         "result_expires": int(settings.result_ttl_s),
         "task_default_queue": settings.queue,

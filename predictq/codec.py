@@ -8,6 +8,11 @@ An array travels as a msgpack map, readable from any language with msgpack::
 memory copy and no per-element Python work. In JSON messages the same map is
 accepted with ``data`` as a base64 string (see ``predictq.arrays``).
 
+Results have a serializer of their own (``RESULT_SERIALIZER``): Redis keeps no
+content type next to a stored result, and a worker stores JSON results for jobs
+that arrived as JSON (``workers.results``), msgpack for the others, so the
+reader tells the two apart by their first byte.
+
 Only plain numeric dtypes cross the wire (bool, signed/unsigned ints, floats):
 object, string, complex, void and datetime arrays are refused on both sides,
 and pickle is never involved.
@@ -24,6 +29,7 @@ from typing import Any, Final
 import msgpack
 import numpy as np
 from kombu.serialization import register
+from kombu.utils import json as kombu_json
 
 from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge
 
@@ -32,6 +38,9 @@ CONTENT_TYPE: Final = "application/x-predictq-msgpack"
 JSON_CONTENT_TYPE: Final = "application/json"
 #: What workers and producers accept. Pickle is deliberately absent.
 ACCEPT_CONTENT: Final = (CONTENT_TYPE, JSON_CONTENT_TYPE)
+#: Stored results: written as msgpack, read as msgpack or JSON (see ``loads_result``).
+RESULT_SERIALIZER: Final = "predictq-result"
+RESULT_CONTENT_TYPE: Final = "application/x-predictq-result"
 
 NDARRAY_KEY: Final = "__ndarray__"
 _DTYPE_STRING: Final = re.compile(r"[<>=|]?[A-Za-z0-9\[\]]{1,16}")
@@ -176,8 +185,28 @@ def loads(body: bytes | bytearray | memoryview, *, max_payload_bytes: int | None
         ) from e
 
 
+def _json_object_hook(obj: dict[Any, Any]) -> object:
+    if NDARRAY_KEY in obj:
+        return decode_array(obj)
+    return kombu_json.object_hook(obj)
+
+
+def loads_result(body: bytes | bytearray | memoryview | str) -> Any:
+    """Decode a stored result record, JSON or msgpack.
+
+    A JSON record is an object, so it starts with ``{`` (0x7b); in msgpack that
+    byte is the integer 123, never a result record, which is a map. JSON is read
+    as kombu reads it (Celery's JSON results), with ndarray maps as arrays.
+    """
+    if isinstance(body, str):
+        body = body.encode()
+    if bytes(body[:1]) == b"{":
+        return kombu_json.loads(body, object_hook=_json_object_hook)  # type: ignore[no-untyped-call]
+    return loads(body)
+
+
 def register_serializer() -> None:
-    """Register the msgpack serializer with kombu (process-wide, idempotent).
+    """Register the msgpack and result serializers with kombu (process-wide, idempotent).
 
     Size limits are not the codec's business: workers check a message's size
     where they receive it (``workers.guard``), before anything decodes it, and
@@ -189,5 +218,12 @@ def register_serializer() -> None:
         dumps,
         loads,
         content_type=CONTENT_TYPE,
+        content_encoding="binary",
+    )
+    register(  # type: ignore[no-untyped-call]
+        RESULT_SERIALIZER,
+        dumps,
+        loads_result,
+        content_type=RESULT_CONTENT_TYPE,
         content_encoding="binary",
     )

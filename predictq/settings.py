@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -109,6 +110,14 @@ class Settings:
         default=3, metadata={"help": "Attempts before a job that kills its worker is given up."}
     )
     result_ttl_s: float = field(default=3600.0, metadata={"help": "How long results are kept."})
+    result_tracebacks: bool = field(
+        default=False,
+        metadata={
+            "help": "Store the worker's traceback in failed jobs' results. Off: callers get the "
+            "error type and message only, and the worker's log keeps the traceback; turn on "
+            "only when every client is trusted."
+        },
+    )
     shutdown_timeout_s: float = field(
         default=30.0, metadata={"help": "Longest graceful shutdown before in-flight work is cut."}
     )
@@ -163,6 +172,14 @@ class Settings:
     metrics_port: int | None = field(
         default=9808, metadata={"help": "Prometheus port of each worker process; unset = off."}
     )
+    metrics_address: str = field(
+        default="0.0.0.0",
+        metadata={
+            "help": "Address the metrics server binds: 0.0.0.0 (every interface) lets a "
+            "Prometheus in another container scrape it; 127.0.0.1 keeps it on the host; :: for "
+            "IPv6."
+        },
+    )
     readiness_ttl_s: float = field(
         default=30.0, metadata={"help": "Lifetime of a worker's readiness record (heartbeat)."}
     )
@@ -177,6 +194,13 @@ class Settings:
         },
     )
     flower_port: int = field(default=5555, metadata={"help": "Flower HTTP port."})
+    flower_address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Address Flower listens on. Unset: every interface with basic auth (what a "
+            "container needs), 127.0.0.1 without; any address but loopback needs basic auth."
+        },
+    )
     flower_basic_auth: str | None = field(
         default=None, metadata={"help": "user:password (comma-separated pairs) for Flower."}
     )
@@ -289,6 +313,14 @@ class Settings:
         for name in ("metrics_port", "flower_port"):
             port = getattr(self, name)
             _require(port is None or 0 <= port <= 65535, name, port, "a TCP port 0-65535")
+        for name in ("metrics_address", "flower_address"):
+            address = getattr(self, name)
+            _require(
+                address is None or _is_address(address),
+                name,
+                address,
+                "an IP address or host name (0.0.0.0: every interface)",
+            )
         _require(self.readiness_ttl_s >= 2, "readiness_ttl_s", self.readiness_ttl_s, ">= 2")
         _require(bool(self.queue), "queue", self.queue, "a non-empty queue name")
         for url_field in ("broker_url", "result_backend"):
@@ -394,6 +426,19 @@ def mask_url(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0] if ":" in creds else ""
     return f"{scheme}://{user}:***@{host}"
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return bool(_HOST_NAME.fullmatch(value))
+    return True
+
+
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:

@@ -230,8 +230,9 @@ def test_flower_without_basic_auth_listens_on_loopback_only_and_warns_once(
         ([*PREDICTQ_FLOWER, "--address=0.0.0.0"], {}),
         ([*CELERY_FLOWER, "--address=::"], {}),
         (CELERY_FLOWER, {"FLOWER_ADDRESS": "192.0.2.1"}),
+        (PREDICTQ_FLOWER, {"PREDICTQ_FLOWER_ADDRESS": "192.0.2.1"}),
     ],
-    ids=["predictq-argument", "celery-argument", "flower-variable"],
+    ids=["predictq-argument", "celery-argument", "flower-variable", "predictq-setting"],
 )
 def test_flower_without_basic_auth_refuses_a_non_loopback_address_in_one_line(
     redis_server: RedisServer, argv: list[str], address_env: dict[str, str]
@@ -245,3 +246,17 @@ def test_flower_without_basic_auth_refuses_a_non_loopback_address_in_one_line(
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("predictq: error: ConfigError: Flower without basic auth")
     assert "PREDICTQ_FLOWER_BASIC_AUTH" in lines[0]
+
+
+def test_flower_with_basic_auth_listens_everywhere_by_default_or_where_the_setting_says(
+    flower: Flower, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # With authentication, Flower's own default: every interface (a container's port).
+    assert listening_addresses(flower.process.pid) & {"0.0.0.0", "::"}
+    env = flower_env(redis_server, PREDICTQ_FLOWER_ADDRESS="127.0.0.1")
+    server = Flower(CELERY_FLOWER, env, tmp_path / "flower.log")
+    try:
+        server.wait_answering()
+        assert listening_addresses(server.process.pid) == {"127.0.0.1"}
+    finally:
+        stop_process(server.process)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -35,7 +36,37 @@ def sample_values(samples: list[Sample], name: str, **labels: str) -> list[float
     ]
 
 
+def listening_on(pid: int, port: int) -> set[str]:
+    """The addresses process ``pid`` accepts TCP connections on at ``port``."""
+    return {
+        c.laddr.ip
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+
+
 # --- worker metrics ------------------------------------------------------------------------
+
+
+def test_metrics_listen_on_every_interface_by_default_and_where_the_setting_says(
+    redis_server: RedisServer, mlp_worker: WorkerProcess, mlp_path: str
+) -> None:
+    # The default: what a Prometheus in another container needs.
+    assert listening_on(mlp_worker.pid, mlp_worker.metrics_port) == {"0.0.0.0"}
+    worker = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=mlp_path,
+        queue="metrics-address",
+        concurrency=2,
+        env={"PREDICTQ_METRICS_ADDRESS": "127.0.0.1"},
+    ).start()
+    try:
+        worker.wait_ready()
+        assert listening_on(worker.pid, worker.metrics_port) == {"127.0.0.1"}
+        assert metric_samples(worker.metrics_port)  # and it serves there
+    finally:
+        worker.stop()
 
 
 def test_the_worker_metrics_endpoint_counts_jobs_batches_waits_and_the_model(

@@ -16,6 +16,9 @@ def test_defaults_need_no_environment() -> None:
     assert s.result_backend == "redis://localhost:6379/1"
     assert s.result_ttl_s == 3600
     assert s.model_path is None and s.allow_nonfinite is False
+    # Failure results carry no worker traceback; metrics listen where a container needs.
+    assert s.result_tracebacks is False and s.metrics_address == "0.0.0.0"
+    assert s.flower_address is None
 
 
 def test_values_are_parsed_from_predictq_variables() -> None:
@@ -29,12 +32,15 @@ def test_values_are_parsed_from_predictq_variables() -> None:
             "PREDICTQ_DEVICE": "CPU",
             "PREDICTQ_MAX_QUEUE_LENGTH": "none",
             "PREDICTQ_LOG_LEVEL": "debug",
+            "PREDICTQ_METRICS_ADDRESS": "::1",
+            "PREDICTQ_FLOWER_ADDRESS": "flower.internal",
         }
     )
     assert s.max_batch_size == 128 and s.batch_wait_ms == 0.5
     assert s.allow_nonfinite is True and s.model_imports == ("a.b", "c")
     assert s.gpu_memory_limit_mb == 2048 and s.device == "cpu"
     assert s.max_queue_length is None and s.log_level == "DEBUG"
+    assert s.metrics_address == "::1" and s.flower_address == "flower.internal"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +64,11 @@ def test_values_are_parsed_from_predictq_variables() -> None:
         ),
         ({"PREDICTQ_VISIBILITY_TIMEOUT_S": "0"}, "PREDICTQ_VISIBILITY_TIMEOUT_S must be"),
         ({"PREDICTQ_FLOWER_BASIC_AUTH": "nocolon"}, "PREDICTQ_FLOWER_BASIC_AUTH must be"),
+        (
+            {"PREDICTQ_METRICS_ADDRESS": "0.0.0.0:9808"},
+            "PREDICTQ_METRICS_ADDRESS must be an IP address or host name .*, got '0.0.0.0:9808'",
+        ),
+        ({"PREDICTQ_FLOWER_ADDRESS": "http://h"}, "PREDICTQ_FLOWER_ADDRESS must be an IP address"),
     ],
 )
 def test_bad_values_raise_config_error_naming_variable_and_value(

@@ -21,6 +21,7 @@ from predictq.celeryconf import celery_config
 from predictq.codec import register_serializer
 from predictq.errors import ConfigError
 from predictq.settings import Settings
+from workers.results import TRACEBACKS_CONF, ResultBackend
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def _configure() -> dict[str, Any]:
     settings = worker_settings()
     register_serializer()
     config = celery_config(settings)
+    # Read by the result backend (workers/results.py, app.backend_cls below).
+    config[TRACEBACKS_CONF] = settings.result_tracebacks
     # The message guard: kombu's Redis channel that survives list items that are
     # not kombu messages (workers/transport.py), and Celery's consumer behind a
     # check of every header and body (workers/consumer.py, workers/guard.py).
@@ -65,6 +68,8 @@ def export_flower_options(settings: Settings) -> None:
     if settings.flower_basic_auth:
         os.environ.setdefault("FLOWER_BASIC_AUTH", settings.flower_basic_auth)
     os.environ.setdefault("FLOWER_PORT", str(settings.flower_port))
+    if settings.flower_address is not None:
+        os.environ.setdefault("FLOWER_ADDRESS", settings.flower_address)
     _install_flower_guard()
 
 
@@ -125,6 +130,8 @@ def _guard_flower_address() -> None:
 
 
 app = Celery("predictq", set_as_current=False)
+# JSON results for JSON jobs and no tracebacks in results (workers/results.py).
+app.backend_cls = ResultBackend
 app.add_defaults(_configure)
 # A hidden preload option makes the Celery CLI send `user_preload_options`
 # before every sub-command, flower included (workers/signals.py uses it).

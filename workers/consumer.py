@@ -34,6 +34,7 @@ from predictq.redis_client import client_from_url
 from workers import metrics
 from workers.app import worker_settings
 from workers.guard import Policy, Refusal, check, usable_task_id
+from workers.results import JSON_RESULT, refusal_request, wants_json
 from workers.transport import REFUSAL_PROPERTY, raw_envelope
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
         def on_task_received(message: Any) -> None:
             try:
                 check(message, self._policy)
+                # Set here, whatever the sender wrote: the result's encoding
+                # follows the message's (workers/results.py).
+                message.headers[JSON_RESULT] = wants_json(message.content_type)
                 handle(message)
             except Refusal as refusal:
                 self._refuse(message, refusal)
@@ -146,7 +150,7 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
         metrics.REFUSED_MESSAGES.labels(reason=refusal.reason).inc()
         log.warning("refused a message (%s): %s", refusal.reason, refusal.error)
         if refusal.task_id is not None:
-            self._answer(refusal)
+            self._answer(refusal, message.content_type)
         if refusal.dead_letter:
             try:
                 self._dead_letter(message, refusal)
@@ -158,11 +162,13 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
                 return
         message.ack_log_error(log, self.connection_errors)
 
-    def _answer(self, refusal: Refusal) -> None:
+    def _answer(self, refusal: Refusal, content_type: object) -> None:
         error = refusal.error
         metrics.JOBS.labels(outcome="failure", error_type=type(error).__name__).inc()
         try:
-            self.app.backend.mark_as_failure(refusal.task_id, error)
+            self.app.backend.mark_as_failure(
+                refusal.task_id, error, request=refusal_request(content_type)
+            )
         except Exception:
             log.exception("could not store the failure of refused message %s", refusal.task_id)
             return

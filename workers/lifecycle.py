@@ -299,7 +299,8 @@ def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
     if settings.metrics_port is None:
         return None
     # Port 0 picks a free port; prefork children serve on the port plus their index.
-    return metrics.serve(settings.metrics_port + index if settings.metrics_port else 0)
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    return metrics.serve(port, settings.metrics_address)
 
 
 def _withdraw_runtime() -> None:

@@ -1,7 +1,9 @@
 """Prometheus metrics of one worker process, served on ``PREDICTQ_METRICS_PORT``.
 
 Prefork children serve on ``port + child index`` (each child is its own process
-with its own model); threads and solo workers on ``port`` itself.
+with its own model); threads and solo workers on ``port`` itself. The server
+binds ``PREDICTQ_METRICS_ADDRESS`` (default 0.0.0.0, every interface, so that a
+Prometheus in another container can scrape it).
 """
 
 from __future__ import annotations
@@ -107,18 +109,19 @@ def record_model(spec: ModelSpec, load_s: float, device: str) -> None:
     MODEL_READY.set(1)
 
 
-def serve(port: int) -> WSGIServer | None:
+def serve(port: int, address: str) -> WSGIServer | None:
     """Start the HTTP endpoint; returns its server (see ``stop``), or None if it could not bind.
 
-    A busy port must not stop a worker from serving predictions, so it is
-    logged, not raised.
+    A busy port (or an address this host does not have) must not stop a worker
+    from serving predictions, so it is logged, not raised.
     """
     try:
-        server, _thread = start_http_server(port)
+        server, _thread = start_http_server(port, addr=address)
     except OSError as e:
-        log.error("metrics: cannot listen on port %d (%s); metrics are off", port, e)
+        log.error("metrics: cannot listen on %s port %d (%s); metrics are off", address, port, e)
         return None
-    log.info("metrics on http://0.0.0.0:%d/metrics", server.server_address[1])
+    host = f"[{address}]" if ":" in address else address
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
     return server
 
 

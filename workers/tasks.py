@@ -2,7 +2,8 @@
 
 ``predictq.predict(inputs)``: exactly one argument, the model input (one array,
 a list of arrays in input order, or a dict by input name). Returns the model's
-output in the model's own structure (one array, a list, or a dict by name).
+output in the model's own structure (one array, a list, or a dict by name); for
+a job that arrived as JSON, in a form JSON carries (``workers.results``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from predictq.errors import (
 from workers import metrics
 from workers.app import app
 from workers.lifecycle import current_runtime
+from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps
 from workers.runtime import JobContext
 
 
@@ -104,12 +106,16 @@ def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
     raw = _the_input(args, kwargs)
     try:
         runtime = current_runtime()
-        return runtime.predict(raw, _context(self.request))
+        outputs = runtime.predict(raw, _context(self.request))
     except (ModelNotReady, Requeue) as e:
         # Not loaded yet, stopping, or Redis is restarting: hand the job back to
         # the queue (if Redis cannot take it back now, the visibility timeout
         # redelivers it). Predictions are pure, so running it again is safe.
         raise Reject(str(e), requeue=True) from e
+    if getattr(self.request, JSON_RESULT, False):
+        # A JSON client gets the form it sent: nested lists, or ndarray maps.
+        return json_outputs(outputs, as_maps=sent_ndarray_maps(raw))
+    return outputs
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

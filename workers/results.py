@@ -1,0 +1,144 @@
+"""What a job's caller reads back: JSON for JSON jobs, and no server internals.
+
+Celery's Redis result backend encodes every result with the app's one
+``result_serializer`` and Redis stores no content type next to it, so a client
+that sent JSON (celery-node, Celery's default Python client, any JSON Celery
+client) could not read a msgpack result. The choice is made per job instead:
+
+* the consumer (``workers.consumer``) marks every message it hands to Celery
+  with the header ``JSON_RESULT``: true unless the message is msgpack. Celery
+  copies message headers into the task's request, so the task and this backend
+  read the mark there, and Celery's own failure paths (a lost worker, a revoked
+  job) carry it too;
+* the task returns a JSON job's outputs ready for JSON (``json_outputs``): nested
+  lists, or ndarray maps with base64 data if the job sent ndarray maps or a
+  stored payload;
+* ``ResultBackend`` stores a JSON job's record, whatever its state, with
+  kombu's JSON encoder (Celery's own JSON serializer) in Celery's usual shape;
+  every other record with the app's msgpack serializer, as before.
+
+A failure record holds the error's type, module and message. The worker's
+traceback (its file paths and code) stays in the worker's log unless
+``PREDICTQ_RESULT_TRACEBACKS`` is on.
+"""
+
+from __future__ import annotations
+
+import base64
+from contextvars import ContextVar
+from typing import Any, Final
+
+import numpy as np
+from celery.app.task import Context
+from celery.backends.redis import RedisBackend
+from kombu.utils import json as kombu_json
+
+from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype
+from predictq.errors import PredictionError
+from predictq.payloads import REF_KEY
+
+#: Message header (then request attribute) set by the consumer: store a JSON result.
+JSON_RESULT: Final = "predictq_json_result"
+#: Celery configuration key read by ``ResultBackend`` (set from PREDICTQ_RESULT_TRACEBACKS).
+TRACEBACKS_CONF: Final = "predictq_result_tracebacks"
+
+# True while ResultBackend.store_result stores a JSON job's record (per thread:
+# the threads pool stores results on the job's own thread).
+_storing_json: ContextVar[bool] = ContextVar("predictq_storing_json", default=False)
+
+
+def wants_json(content_type: object) -> bool:
+    """Whether a message with ``content_type`` gets a JSON result: every kind but msgpack."""
+    return content_type != CONTENT_TYPE
+
+
+def refusal_request(content_type: object) -> Context:
+    """The request to store a refused message's failure with (it never became a task)."""
+    return Context({JSON_RESULT: wants_json(content_type)})
+
+
+def sent_ndarray_maps(raw: object) -> bool:
+    """Whether a job's input used ndarray maps (or a stored payload) rather than nested lists."""
+    if isinstance(raw, dict):
+        if NDARRAY_KEY in raw or REF_KEY in raw:
+            return True
+        values: list[object] = list(raw.values())
+    elif isinstance(raw, list | tuple):
+        values = list(raw)
+    else:
+        return False
+    return any(isinstance(v, dict) and NDARRAY_KEY in v for v in values)
+
+
+def json_outputs(value: object, *, as_maps: bool, where: str = "output") -> object:
+    """A prediction (an array, a list or a dict of them) as JSON-ready values.
+
+    Arrays become nested lists, or with ``as_maps`` ndarray maps with base64
+    data (raw bytes, C order, the dtype's byte order as in ``dtype``).
+    """
+    if isinstance(value, np.ndarray):
+        return _ndarray_map(value) if as_maps else _nested_lists(value, where)
+    if isinstance(value, dict):
+        return {
+            str(k): json_outputs(v, as_maps=as_maps, where=f"output {k!r}")
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [json_outputs(v, as_maps=as_maps, where=f"output {i}") for i, v in enumerate(value)]
+    return value
+
+
+def _ndarray_map(array: np.ndarray[Any, Any]) -> dict[str, object]:
+    check_dtype(array.dtype)
+    contiguous = np.ascontiguousarray(array)
+    return {
+        NDARRAY_KEY: 1,
+        "dtype": contiguous.dtype.str,
+        "shape": list(contiguous.shape),
+        "data": base64.b64encode(contiguous.tobytes()).decode("ascii"),
+    }
+
+
+def _nested_lists(array: np.ndarray[Any, Any], where: str) -> object:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # Python's json would write NaN/Infinity, which JSON parsers elsewhere
+        # (JSON.parse, most languages) refuse: the caller could not read its result.
+        raise PredictionError(
+            f"{where}: holds NaN or infinity, which JSON numbers cannot carry; send the input "
+            "as ndarray maps (base64) to receive the output as one"
+        )
+    return array.tolist()
+
+
+class ResultBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, storing a JSON job's record as JSON, without tracebacks."""
+
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
+        # Named by class (the app's ``backend_cls``), so Celery passes no URL.
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+        self._tracebacks = bool(app.conf.get(TRACEBACKS_CONF, False))
+
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not self._tracebacks:
+            traceback = None
+        if not getattr(request, JSON_RESULT, False):
+            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+        token = _storing_json.set(True)
+        try:
+            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+        finally:
+            _storing_json.reset(token)
+
+    def encode(self, data: Any) -> Any:
+        if _storing_json.get():
+            # What Celery's JSON result serializer writes.
+            return kombu_json.dumps(data)  # type: ignore[no-untyped-call]
+        return super().encode(data)
