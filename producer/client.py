@@ -251,9 +251,18 @@ class PredictionClient:
     def predict(
         self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
     ) -> Any:
-        """Submit one job and wait for its result (``submit(...).get(timeout)``)."""
+        """Submit one job and wait for its result (``submit(...).get(timeout)``).
+
+        On ``ResultTimeout`` the job is forgotten (its in-flight slot is freed at
+        once; the caller has no handle to wait on it again), like ``apredict``.
+        """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        return self.submit(inputs, deadline_s=deadline_s).get(timeout)
+        job = self.submit(inputs, deadline_s=deadline_s)
+        try:
+            return job.get(timeout)
+        except ResultTimeout:
+            job.forget()
+            raise
 
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted elsewhere (another process, an earlier run)."""

@@ -239,3 +239,11 @@ def test_the_readme_fastapi_example_serves_predictions_from_a_real_worker(
         assert bad.status_code == 422 and f"expected shape [N, {F}]" in bad.json()["detail"]
         client = http.app.state.client  # type: ignore[attr-defined]
     assert client._closed
+
+
+def test_a_sync_predict_that_times_out_frees_its_slot(unread: PredictionClient) -> None:
+    x = np.ones((1, F), np.float32)
+    with pytest.raises(ResultTimeout, match=r"no result within 0\.2s"):
+        unread.predict(x, timeout=0.2)
+    assert unread._collector.pending() == 0
+    unread.submit(x).forget()  # one slot: admitted only because the timeout freed it
