@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,21 @@ def base_env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def free_ports(count: int) -> int:
+    """A port such that it and the ``count - 1`` after it are free right now."""
+    for _ in range(100):
+        base = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return base
+    raise AssertionError(f"no run of {count} free ports found")
 
 
 def wait_for(
@@ -88,7 +104,8 @@ class WorkerProcess:
         self.name = name or f"w{free_port()}"
         self.pool = pool
         self.result_backend = result_backend
-        self.metrics_port = free_port()
+        # Prefork children serve metrics on port + child index: all must be free.
+        self.metrics_port = free_ports(concurrency if pool == "prefork" else 1)
         self.env = base_env(
             PREDICTQ_BROKER_URL=broker_url,
             PREDICTQ_RESULT_BACKEND=result_backend,
