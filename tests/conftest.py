@@ -71,11 +71,15 @@ def client(redis_server: RedisServer, mlp_worker: WorkerProcess) -> Iterator[Pre
         yield c
 
 
-@pytest.fixture(scope="session", params=backends.ALL)
+@pytest.fixture(scope="module", params=backends.ALL)
 def served(
     request: pytest.FixtureRequest, redis_server: RedisServer, mlp_path: str
 ) -> Iterator[Served]:
-    """The MLP served on each installed backend (TensorFlow: the shared ``mlp_worker``)."""
+    """The MLP served on each installed backend (TensorFlow: the shared ``mlp_worker``).
+
+    Module-scoped: a JAX or PyTorch worker lives only while its module's tests run,
+    so no other test sees its readiness record in the shared Redis.
+    """
     backend: str = request.param
     if backend == "tensorflow":
         yield Served(backend, "mlp", request.getfixturevalue("mlp_worker"))
