@@ -134,7 +134,8 @@ def run(
             storm.note += f"; {jobs / max(calls, 1):.1f} jobs per device call"
             idle = closed_loop(label, "idle", one, expected, jobs=args.idle_jobs, threads=1)
             xb = m.inputs(m.bulk_rows // args.bulk_divisor, seed=3)
-            chunk = max(best, args.chunk_size if m.name == "mlp" else best)
+            # The conv net: chunks of at most 512 images, so several are in flight.
+            chunk = max(best, args.chunk_size) if m.name == "mlp" else min(best, 512)
             before = worker.metrics()
             b = bulk(
                 label,
