@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo up test lint unit bench bench-quick clean
+.PHONY: demo up test lint unit bench bench-quick bench-backends clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "predictq needs Python >= 3.11, found " + sys.version' 
@@ -39,6 +39,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+bench-backends: $(STAMP)
+	$(BIN)/python -m bench.backends
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/results

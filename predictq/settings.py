@@ -24,6 +24,7 @@ from predictq.errors import ConfigError
 ENV_PREFIX = "PREDICTQ_"
 
 Device = Literal["auto", "cpu", "gpu"]
+KerasBackend = Literal["tensorflow", "jax", "torch"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 T = TypeVar("T")
@@ -139,6 +140,13 @@ class Settings:
     )
 
     # --- Device -----------------------------------------------------------
+    keras_backend: KerasBackend | None = field(
+        default=None,
+        metadata={
+            "help": "Keras backend of the workers: tensorflow, jax or torch; unset = Keras's own "
+            "KERAS_BACKEND if set, else tensorflow."
+        },
+    )
     device: Device = field(default="auto", metadata={"help": "auto, cpu or gpu."})
     gpu_memory_growth: bool = field(
         default=True, metadata={"help": "Grow GPU memory on demand instead of taking it all."}
@@ -463,9 +471,10 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         "tuple[str, ...]": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
     }
     base = kind.replace(" | None", "")
-    if base in ("Device", "LogLevel"):
-        allowed = get_args(Device if base == "Device" else LogLevel)
-        value = raw.lower() if base == "Device" else raw.upper()
+    choices = {"Device": Device, "LogLevel": LogLevel, "KerasBackend": KerasBackend}
+    if base in choices:
+        allowed = get_args(choices[base])
+        value = raw.upper() if base == "LogLevel" else raw.lower()
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
         return value

@@ -315,11 +315,13 @@ def info(load: bool) -> None:
     """Print the effective settings (secrets masked) and the model's input/output spec."""
     from predictq.readiness import read_records
     from predictq.redis_client import client_from_url
+    from workers.backends import resolve
 
     settings = Settings.from_env()
     click.echo("settings:")
     for name, value in settings.public_items():
         click.echo(f"  {name}={value}")
+    backend = resolve(settings)  # what a worker started here would run
     spec: dict[str, Any] | None = None
     source = ""
     if not load:
@@ -333,10 +335,14 @@ def info(load: bool) -> None:
             records = []
         if records:
             spec, source = records[0]["model"], f"worker {records[0]['nodename']}"
+            backend = records[0].get("backend", "tensorflow")
     if spec is None and settings.model_path:
+        from workers.backends import select
         from workers.model import load_model
 
+        select(settings)  # before Keras is imported
         spec, source = load_model(settings.model_path).spec.as_dict(), "loaded here"
+    click.echo(f"keras backend: {backend}")
     if spec is None:
         click.echo("model: unknown (no running worker and no PREDICTQ_MODEL_PATH)")
         return

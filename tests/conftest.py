@@ -12,7 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
-from tests.support import models
+from tests.support import backends, models
+from tests.support.backends import Served
 from tests.support.processes import WorkerProcess
 
 
@@ -65,6 +66,51 @@ def client(redis_server: RedisServer, mlp_worker: WorkerProcess) -> Iterator[Pre
         broker_url=redis_server.url(0),
         result_backend=redis_server.url(1),
         queue="mlp",
+        result_timeout_s=60,
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module", params=backends.ALL)
+def served(
+    request: pytest.FixtureRequest, redis_server: RedisServer, mlp_path: str
+) -> Iterator[Served]:
+    """The MLP served on each installed backend (TensorFlow: the shared ``mlp_worker``).
+
+    Module-scoped: a JAX or PyTorch worker lives only while its module's tests run,
+    so no other test sees its readiness record in the shared Redis.
+    """
+    backend: str = request.param
+    if backend == "tensorflow":
+        yield Served(backend, "mlp", request.getfixturevalue("mlp_worker"))
+        return
+    worker = WorkerProcess(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        model_path=mlp_path,
+        concurrency=16,
+        queue=f"mlp-{backend}",
+        name=f"mlp-{backend}",
+        env={
+            "PREDICTQ_KERAS_BACKEND": backend,
+            "PREDICTQ_MAX_BATCH_SIZE": "64",
+            "PREDICTQ_MAX_JOB_SAMPLES": "5000",
+        },
+    ).start()
+    try:
+        worker.wait_ready()
+        yield Served(backend, f"mlp-{backend}", worker)
+    finally:
+        worker.stop()
+
+
+@pytest.fixture()
+def served_client(redis_server: RedisServer, served: Served) -> Iterator[PredictionClient]:
+    """A producer talking to ``served``'s worker."""
+    with PredictionClient(
+        broker_url=redis_server.url(0),
+        result_backend=redis_server.url(1),
+        queue=served.queue,
         result_timeout_s=60,
     ) as c:
         yield c

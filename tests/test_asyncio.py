@@ -221,8 +221,7 @@ def test_the_readme_fastapi_example_serves_predictions_from_a_real_worker(
     mlp_path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pytest.importorskip("fastapi")
-    from fastapi.testclient import TestClient
+    from fastapi.testclient import TestClient  # the test extra installs FastAPI
 
     (code,) = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "FastAPI(" in b]
     monkeypatch.setenv("PREDICTQ_BROKER_URL", redis_server.url(0))

@@ -51,6 +51,7 @@ def test_info_load_reads_the_spec_from_the_model_file(mlp_path: str) -> None:
         timeout_s=240,
     )
     assert out.returncode == 0, out.stderr
+    assert "keras backend: tensorflow" in out.stdout
     assert "model (loaded here):" in out.stdout
     spec = json.loads(out.stdout.split("model (loaded here):", 1)[1])
     assert spec["inputs"] == [f"x: float32 [None, {F}]"]

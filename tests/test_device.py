@@ -1,7 +1,7 @@
-"""Device set-up on a machine without a GPU.
+"""Device and backend set-up on a machine without a GPU.
 
 The GPU branches (memory growth, memory limit) have no automated test: CI has no
-GPU, and this project's GPU machines could not install TensorFlow (see README).
+GPU; bench/gpu_check.sh measures them on a GPU machine (see README).
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import sys
 
 import pytest
 
+from predictq.errors import ConfigError
+from predictq.settings import Settings
+from tests.support import backends
 from tests.support.processes import base_env
+from workers.backends import resolve, select
 
 PROBE = """
 from predictq.errors import ConfigError
@@ -53,3 +57,68 @@ def test_tensorflow_and_tensorflow_cpu_side_by_side_are_refused() -> None:
     check_one_tensorflow(lambda name: name == "tensorflow")
     with pytest.raises(ConfigError, match="both tensorflow and tensorflow-cpu are installed"):
         check_one_tensorflow(lambda name: name in ("tensorflow", "tensorflow-cpu"))
+
+
+BACKEND_PROBE = """
+import os, sys
+from predictq.errors import ConfigError
+from predictq.settings import Settings
+from workers.device import configure_devices
+backend = sys.argv[1]
+try:
+    configure_devices(Settings.from_env({"PREDICTQ_KERAS_BACKEND": backend,
+                                         "PREDICTQ_DEVICE": "gpu"}))
+except ConfigError as e:
+    print("gpu:", e)
+info = configure_devices(Settings.from_env({"PREDICTQ_KERAS_BACKEND": backend,
+                                            "PREDICTQ_INTRA_OP_THREADS": "1"}))
+import keras
+print("auto:", info.kind, keras.backend.backend(), "tensorflow" in sys.modules)
+if backend == "torch":
+    import torch
+    print("threads:", torch.get_num_threads(), os.environ["KERAS_TORCH_DEVICE"])
+else:
+    print("threads:", os.environ["XLA_FLAGS"])
+"""
+
+
+@pytest.mark.parametrize("backend", backends.OTHERS)
+def test_jax_and_torch_workers_find_no_gpu_clearly_and_fall_back_to_cpu(backend: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", BACKEND_PROBE, backend],
+        env=base_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    name = {"jax": "JAX", "torch": "PyTorch"}[backend]
+    assert f"gpu: PREDICTQ_DEVICE=gpu but {name} sees no GPU" in out.stdout
+    assert f"auto: cpu {backend} False" in out.stdout  # and TensorFlow never loaded
+    # PREDICTQ_INTRA_OP_THREADS=1: XLA's switch to one thread; PyTorch's thread count.
+    threads = {"jax": "--xla_cpu_multi_thread_eigen=false", "torch": "1 cpu"}[backend]
+    assert f"threads: {threads}" in out.stdout
+
+
+def test_the_backend_setting_wins_over_keras_backend_which_wins_over_the_default() -> None:
+    assert resolve(Settings(keras_backend="jax"), {"KERAS_BACKEND": "torch"}) == "jax"
+    assert resolve(Settings(), {"KERAS_BACKEND": "Torch"}) == "torch"
+    assert resolve(Settings(), {}) == "tensorflow"
+    assert Settings.from_env({"PREDICTQ_KERAS_BACKEND": "JAX"}).keras_backend == "jax"
+    with pytest.raises(ConfigError, match="PREDICTQ_KERAS_BACKEND must be one of tensorflow"):
+        Settings.from_env({"PREDICTQ_KERAS_BACKEND": "mxnet"})
+    with pytest.raises(ConfigError, match=r"KERAS_BACKEND must be one of .* got 'numpy'"):
+        resolve(Settings(), {"KERAS_BACKEND": "numpy"})
+
+
+def test_a_process_whose_keras_already_runs_another_backend_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import keras  # this process: TensorFlow
+
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)  # select() sets it; restored after
+
+    assert keras.backend.backend() == "tensorflow"
+    assert select(Settings(keras_backend="tensorflow")).name == "tensorflow"
+    with pytest.raises(ConfigError, match="Keras was already imported with tensorflow"):
+        select(Settings(keras_backend="jax"))

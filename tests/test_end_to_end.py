@@ -24,6 +24,7 @@ from predictq.errors import InvalidInput, InvalidMessage
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
+from tests.support.backends import JAX_BUCKETS_64, Served
 from tests.support.processes import WorkerProcess, base_env
 
 F = models.FEATURES
@@ -33,44 +34,62 @@ def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def metric(worker: WorkerProcess, name: str) -> float:
-    """One sample value from the worker's real Prometheus endpoint."""
+def metric_line(worker: WorkerProcess, prefix: str) -> str:
+    """The first line of the worker's real Prometheus endpoint that starts with ``prefix``."""
     url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"{prefix} not in /metrics")
+
+
+def metric(worker: WorkerProcess, name: str) -> float:
+    """One sample value from the worker's real Prometheus endpoint."""
+    try:
+        line = metric_line(worker, name + " ")
+    except AssertionError:
+        line = metric_line(worker, name + "{")
+    return float(line.rsplit(" ", 1)[1])
 
 
 def test_predictions_through_redis_equal_the_in_process_model(
-    client: PredictionClient, mlp_path: str, redis_server: RedisServer
+    served_client: PredictionClient, served: Served, mlp_path: str, redis_server: RedisServer
 ) -> None:
+    # On every backend, compared with the model in this process (TensorFlow).
     x = rng(0).random((8, F), dtype=np.float32)
-    job = client.submit(x)
+    job = served_client.submit(x)
     out = job.get(timeout=60)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (8, 4)
     assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
     out[0, 0] = 5.0  # callers own their result
-    assert np.allclose(client.predict(x, timeout=60), models.reference(mlp_path, x), atol=1e-5)
+    expected = models.reference(mlp_path, x)
+    assert np.allclose(served_client.predict(x, timeout=60), expected, atol=1e-5)
     # Results expire after PREDICTQ_RESULT_TTL_S (default one hour).
     results = redis.Redis.from_url(redis_server.url(1))
     assert 3500 < results.ttl(f"celery-task-meta-{job.id}") <= 3600
+    # The worker says which backend serves, in its readiness record and its metrics.
+    (record,) = served.worker.records()
+    assert record["backend"] == served.backend
+    info = metric_line(served.worker, "predictq_model_info{")
+    assert f'backend="{served.backend}"' in info and 'device="cpu"' in info
 
 
 def test_32_threads_x_50_jobs_every_output_correct_and_matched_to_its_job(
-    client: PredictionClient, mlp_path: str, mlp_worker: WorkerProcess
+    served_client: PredictionClient, served: Served, mlp_path: str
 ) -> None:
+    worker = served.worker
     threads, per_thread = 32, 50
     inputs = rng(1).random((threads, per_thread, 1 + 2, F), dtype=np.float32)
     expected = models.reference(mlp_path, inputs.reshape(-1, F)).reshape(threads, per_thread, 3, 4)
-    batches_before = metric(mlp_worker, "predictq_batch_size_samples_count")
+    batches_before = metric(worker, "predictq_batch_size_samples_count")
+    compiles_before = metric(worker, "predictq_model_compiles")
     start = threading.Barrier(threads)
 
     def producer(t: int) -> list[np.ndarray]:
         start.wait()
-        jobs = [client.submit(inputs[t, j]) for j in range(per_thread)]
+        jobs = [served_client.submit(inputs[t, j]) for j in range(per_thread)]
         return [job.get(timeout=120) for job in jobs]
 
     with ThreadPoolExecutor(threads) as pool:
@@ -79,19 +98,24 @@ def test_32_threads_x_50_jobs_every_output_correct_and_matched_to_its_job(
         for j in range(per_thread):
             assert np.allclose(results[t][j], expected[t, j], atol=1e-5), (t, j)
     # Concurrent jobs shared device calls: fewer batches than jobs.
-    batches = metric(mlp_worker, "predictq_batch_size_samples_count") - batches_before
+    batches = metric(worker, "predictq_batch_size_samples_count") - batches_before
     assert batches < threads * per_thread
+    # Batches of every size, and not one compilation after warm-up: JAX compiled
+    # its 7 batch-size buckets (1..64) before serving, TensorFlow its one trace.
+    assert metric(worker, "predictq_model_compiles") == compiles_before
+    assert compiles_before == {"tensorflow": 1, "jax": JAX_BUCKETS_64, "torch": 0}[served.backend]
     # ... and the threads-pool worker process loaded its model exactly once.
-    records = mlp_worker.records()
-    assert [(r["pid"], r["loads"], r["pool"]) for r in records] == [(mlp_worker.pid, 1, "threads")]
-    assert metric(mlp_worker, "predictq_model_loads_total") == 1
+    records = worker.records()
+    assert [(r["pid"], r["loads"], r["pool"]) for r in records] == [(worker.pid, 1, "threads")]
+    assert metric(worker, "predictq_model_loads_total") == 1
 
 
 def test_a_job_larger_than_max_batch_size_is_split_and_reassembled_in_order(
-    client: PredictionClient, mlp_path: str
+    served_client: PredictionClient, mlp_path: str
 ) -> None:
     x = rng(2).random((1000, F), dtype=np.float32)  # the worker's max batch is 64
-    assert np.allclose(client.predict(x, timeout=60), models.reference(mlp_path, x), atol=1e-5)
+    out = served_client.predict(x, timeout=60)
+    assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5)
 
 
 def test_a_large_job_travels_by_reference_and_its_stored_input_is_deleted_after(

@@ -22,7 +22,7 @@ from predictq.errors import (
 )
 from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
-from tests.support import models
+from tests.support import backends, models
 from tests.support.cluster import (
     assert_all_correct,
     client_on,
@@ -30,7 +30,7 @@ from tests.support.cluster import (
     wait_dead_or_done,
     worker_on,
 )
-from tests.support.layers import HUGE, POISON
+from tests.support.layers import POISON
 from tests.support.processes import WorkerProcess
 
 F = models.FEATURES
@@ -236,32 +236,37 @@ def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_co
         worker.stop()
 
 
+@pytest.mark.parametrize("backend", backends.ALL)
 def test_device_oom_splits_batches_and_a_job_that_never_fits_fails_alone(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, backend: str
 ) -> None:
+    # Each backend's own out-of-memory error (JAX: a real failed allocation).
     path = models.build_oom_model(str(tmp_path / "oom.keras"), max_rows=8)
     # Batches of up to 32 rows are formed; the model only fits 8 at a time.
     env = {
         "PREDICTQ_MAX_BATCH_SIZE": "32",
         "PREDICTQ_BATCH_WAIT_MS": "50",
         "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+        "PREDICTQ_KERAS_BACKEND": backend,
     }
     worker = WorkerProcess(
         broker_url=redis_server.url(0),
         result_backend=redis_server.url(1),
         model_path=path,
-        queue="oom",
+        queue=f"oom-{backend}",
         concurrency=16,
-        name="oom",
+        name=f"oom-{backend}",
         env=env,
     ).start()
     try:
         worker.wait_ready()
         x = np.random.default_rng(4).random((40, F), dtype=np.float32)
-        huge = np.random.default_rng(5).random((1, F), dtype=np.float32)
-        huge[0, 0] = HUGE
+        # One sample of 9 x F numbers: more than fit at once (8 x F).
+        huge = np.random.default_rng(5).random((1, 9 * F), dtype=np.float32)
         with PredictionClient(
-            broker_url=redis_server.url(0), result_backend=redis_server.url(1), queue="oom"
+            broker_url=redis_server.url(0),
+            result_backend=redis_server.url(1),
+            queue=f"oom-{backend}",
         ) as client:
             big = client.submit(x[:20])  # one job, more rows than fit at once
             doomed = client.submit(huge)

@@ -2,7 +2,8 @@
 
 ``celery -A workers worker --pool threads`` finds ``app`` here; importing this
 package registers the tasks and the model-loading signal handlers. It does not
-import TensorFlow: that happens in the worker process when the model loads.
+import Keras or its backend (TensorFlow, JAX, PyTorch): that happens in the worker
+process when the model loads, after the backend is chosen (workers/backends/).
 """
 
 from workers import signals as _signals  # noqa: F401  (connects the handlers)

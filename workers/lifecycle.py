@@ -237,21 +237,23 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
         with ExitStack() as stack:
             started = time.monotonic()
+            # First: the Keras backend and its devices are chosen before Keras loads.
             device = configure_devices(settings).kind
             import_model_modules(settings.model_imports)
-            model = load_model(settings.model_path)
+            model = load_model(settings.model_path, max_batch_size=settings.max_batch_size)
             _process.loads += 1
-            # One inference per batch shape the device thread will see: single
-            # jobs and full batches. The function is batch-polymorphic, so this
-            # traces once and also fails fast if a full batch does not fit.
-            model.warm_up(sorted({1, settings.max_batch_size}))
+            # One inference per batch shape the backend compiles for: single jobs
+            # and full batches (TensorFlow traces once, its function is
+            # batch-polymorphic), or every batch-size bucket (JAX). This also
+            # fails fast if a full batch does not fit.
+            model.warm_up()
             warm_s = time.monotonic() - started
 
             results = stack.enter_context(closing(client_from_url(settings.result_backend)))
             broker = stack.enter_context(closing(client_from_url(settings.broker_url)))
             batcher = stack.enter_context(_device_thread(model, settings))
 
-            metrics.record_model(model.spec, warm_s, device)
+            metrics.record_model(model, warm_s, device)
             stack.callback(metrics.MODEL_READY.set, 0)
             server = _serve_metrics(settings, index)
             if server is not None:
@@ -262,6 +264,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
                 "loads": _process.loads,
                 "warm": True,
                 "device": device,
+                "backend": model.backend,
                 "load_s": round(warm_s, 3),
                 "since": datetime.now(UTC).isoformat(),
                 "metrics_port": None if server is None else server.server_address[1],
@@ -287,9 +290,10 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
 
             _process.stack = stack.pop_all()
         log.info(
-            "model ready in %.2fs on %s (pid %d, %s pool)",
+            "model ready in %.2fs on %s with %s (pid %d, %s pool)",
             warm_s,
             device,
+            model.backend,
             os.getpid(),
             _Worker.pool,
         )

@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 from workers.batcher import BatchStats
-from workers.spec import ModelSpec
+from workers.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ MODEL_LOAD_SECONDS: Final = Gauge(
 MODEL_LOADS: Final = Counter("predictq_model_loads", "Model loads in this process.")
 MODEL_READY: Final = Gauge("predictq_model_ready", "1 once the model is loaded and warm.")
 MODEL_INFO: Final = Info("predictq_model", "The served model.")
+MODEL_COMPILES: Final = Gauge(
+    "predictq_model_compiles",
+    "Programs compiled for the model's inference call (one per traced input shape).",
+)
 
 
 def record_batch(stats: BatchStats) -> None:
@@ -93,14 +97,18 @@ def record_isolation(_pieces: int) -> None:
     BATCHES_ISOLATED.inc()
 
 
-def record_model(spec: ModelSpec, load_s: float, device: str) -> None:
+def record_model(model: LoadedModel, load_s: float, device: str) -> None:
     """The model is loaded and warm."""
+    spec = model.spec
     MODEL_LOADS.inc()
     MODEL_LOAD_SECONDS.set(load_s)
+    # Read when scraped: a compile after warm-up (a shape no bucket held) shows.
+    MODEL_COMPILES.set_function(lambda: model.compiles)
     MODEL_INFO.info(
         {
             "path": spec.path,
             "format": spec.format,
+            "backend": model.backend,
             "device": device,
             "inputs": "; ".join(s.describe() for s in spec.inputs),
             "outputs": "; ".join(s.describe() for s in spec.outputs),

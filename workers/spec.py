@@ -1,4 +1,4 @@
-"""What a model accepts and returns, independent of TensorFlow.
+"""What a model accepts and returns, independent of the Keras backend.
 
 Read once when the model loads; every job is validated against it, and results
 are put back into the structure (single array, list or dict) the model returns.
@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from predictq.errors import ModelLoadError
 from predictq.structure import Layout, Structure, unflatten
 
 
@@ -74,3 +75,23 @@ class ModelSpec:
             "inputs": [s.describe() for s in self.inputs],
             "outputs": [s.describe() for s in self.outputs],
         }
+
+
+def tensor_spec(name: str, shape: Sequence[int | None], dtype: Any) -> TensorSpec:
+    """A TensorSpec from a framework's shape and dtype (numpy, TensorFlow, Keras strings)."""
+    np_dtype = np.dtype(getattr(dtype, "as_numpy_dtype", dtype))
+    return TensorSpec(name=name, shape=tuple(shape), dtype=np_dtype)
+
+
+def check_inputs(path: str, inputs: Sequence[TensorSpec]) -> None:
+    """Refuse a model whose inputs cannot be batched (or are not numbers)."""
+    if not inputs:
+        raise ModelLoadError(f"model {path!r} has no defined inputs (build it with keras.Input)")
+    for s in inputs:
+        if len(s.shape) < 1 or s.shape[0] is not None:
+            raise ModelLoadError(
+                f"model {path!r}: input {s.describe()} needs a variable batch dimension "
+                f"(None) first so jobs can be batched"
+            )
+        if s.dtype.kind not in "biuf":
+            raise ModelLoadError(f"model {path!r}: input {s.describe()} is not numeric")

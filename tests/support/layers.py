@@ -1,4 +1,9 @@
-"""Test-only Keras layers, imported by workers through PREDICTQ_MODEL_IMPORTS."""
+"""Test-only Keras layers, imported by workers through PREDICTQ_MODEL_IMPORTS.
+
+Each misbehaves the way a real model can, on every Keras backend that the layer
+supports: the framework is imported inside ``call``, so importing this module
+in a JAX or PyTorch worker never loads TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +13,90 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 #: A sample whose first feature equals this kills the worker process.
 POISON = 666.0
-#: A sample whose first feature is at least this never fits in "device memory".
-HUGE = 1000.0
+
+
+def _backend() -> str:
+    return str(keras.backend.backend())
 
 
 def _out_of_memory(n: Any) -> Any:
     # tf.py_function reports a Python MemoryError as ResourceExhaustedError,
     # the error TensorFlow raises when a device allocation fails.
-    raise MemoryError(f"test device: a batch of {int(n)} rows does not fit")
+    raise MemoryError(f"test device: a batch of {int(n)} numbers does not fit")
 
 
 @keras.saving.register_keras_serializable(package="predictq_tests")
 class OomAbove(keras.layers.Layer):  # type: ignore[misc]
-    """Identity, except that batches above ``max_rows`` rows, or holding a sample whose
-    first feature is >= HUGE (one that never fits), raise ResourceExhaustedError."""
+    """Identity, except that a batch holding more than ``max_values`` numbers (rows x
+    features) raises the backend's own out-of-memory error.
 
-    def __init__(self, max_rows: int, **kwargs: Any) -> None:
+    TensorFlow: ResourceExhaustedError (a MemoryError in a py_function). JAX: a
+    real allocation failure, XLA's RESOURCE_EXHAUSTED (the compiled program of
+    such a batch needs 256 TiB). PyTorch: torch.OutOfMemoryError.
+    """
+
+    def __init__(self, max_values: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.max_rows = max_rows
+        self.max_values = max_values
 
     def call(self, x: Any) -> Any:
-        n = tf.shape(x)[0]
+        backend = _backend()
+        if backend == "jax":
+            import jax.numpy as jnp
+
+            if x.shape[0] * x.shape[1] <= self.max_values:  # static: one program per shape
+                return x
+            return x * jnp.cumsum(jnp.ones((2**45,), x.dtype))[-1]
+        if backend == "torch":
+            import torch
+
+            if x.shape[0] * x.shape[1] > self.max_values:
+                raise torch.OutOfMemoryError(f"test device: {x.shape} does not fit")
+            return x
+        import tensorflow as tf
+
+        n = tf.size(x)
 
         def explode() -> Any:
             out = tf.py_function(_out_of_memory, [n], tf.float32)
             out.set_shape(())
             return out
 
-        too_big = tf.logical_or(n > self.max_rows, tf.reduce_any(x[:, 0] >= HUGE))
-        scale = tf.cond(too_big, explode, lambda: tf.constant(1.0))
-        return x * scale
+        return x * tf.cond(n > self.max_values, explode, lambda: tf.constant(1.0))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "max_rows": self.max_rows}
+        return {**super().get_config(), "max_values": self.max_values}
+
+
+@keras.saving.register_keras_serializable(package="predictq_tests")
+class FirstFeatures(keras.layers.Layer):  # type: ignore[misc]
+    """The first ``count`` features of samples of any width (zeros where there are fewer)."""
+
+    def __init__(self, count: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.count = count
+
+    def call(self, x: Any) -> Any:
+        zeros = keras.ops.repeat(keras.ops.zeros_like(x[:, :1]), self.count, axis=1)
+        return keras.ops.concatenate([x, zeros], axis=1)[:, : self.count]
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return (input_shape[0], self.count)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "count": self.count}
 
 
 def _exit_if_poisoned(x: Any) -> Any:
+    import tensorflow as tf
+
     if bool(tf.reduce_any(tf.equal(x[:, 0], POISON))):
         os._exit(17)  # what a segfaulting native op looks like to Celery
     return x
@@ -55,9 +104,11 @@ def _exit_if_poisoned(x: Any) -> Any:
 
 @keras.saving.register_keras_serializable(package="predictq_tests")
 class ExitOnPoison(keras.layers.Layer):  # type: ignore[misc]
-    """Identity, except that the process dies when a sample starts with POISON."""
+    """Identity, except that the process dies when a sample starts with POISON (TensorFlow)."""
 
     def call(self, x: Any) -> Any:
+        import tensorflow as tf
+
         out = tf.py_function(_exit_if_poisoned, [x], tf.float32)
         out.set_shape(x.shape)
         return out
@@ -68,6 +119,8 @@ HANG = 555.0
 
 
 def _hang_while_gated(x: Any, gate: Any) -> Any:
+    import tensorflow as tf
+
     if bool(tf.reduce_any(tf.equal(x[:, 0], HANG))):
         path = gate.numpy().decode()
         Path(path + ".started").touch()
@@ -80,7 +133,8 @@ def _hang_while_gated(x: Any, gate: Any) -> Any:
 class HangOnMarker(keras.layers.Layer):  # type: ignore[misc]
     """Identity, except that a sample starting with HANG blocks while ``gate`` exists.
 
-    It touches ``gate + ".started"`` first, so a test knows the call is under way.
+    It touches ``gate + ".started"`` first, so a test knows the call is under way
+    (TensorFlow).
     """
 
     def __init__(self, gate: str, **kwargs: Any) -> None:
@@ -88,6 +142,8 @@ class HangOnMarker(keras.layers.Layer):  # type: ignore[misc]
         self.gate = gate
 
     def call(self, x: Any) -> Any:
+        import tensorflow as tf
+
         out = tf.py_function(_hang_while_gated, [x, tf.constant(self.gate)], tf.float32)
         out.set_shape(x.shape)
         return out
@@ -98,8 +154,15 @@ class HangOnMarker(keras.layers.Layer):  # type: ignore[misc]
 
 #: A sample whose first feature equals this makes the device call raise.
 FAIL = 444.0
-#: A sample whose first feature equals this makes the call return one row too few.
+#: A sample whose first feature equals this makes the call return one row too few
+#: (not on JAX, whose compiled programs have output shapes fixed by the input's).
 SHORT = 333.0
+
+
+def _fail_on_marker(x: Any) -> Any:
+    if np.any(np.asarray(x)[:, 0] == FAIL):
+        raise ValueError("a FAIL sample")
+    return x
 
 
 @keras.saving.register_keras_serializable(package="predictq_tests")
@@ -108,9 +171,23 @@ class MisbehaveOnMarker(keras.layers.Layer):  # type: ignore[misc]
     SHORT sample (the output loses its last row)."""
 
     def call(self, x: Any) -> Any:
+        backend = _backend()
+        if backend == "jax":
+            import jax
+
+            # A host callback: the one way a compiled JAX program raises on data.
+            return jax.pure_callback(_fail_on_marker, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+        if backend == "torch":
+            _fail_on_marker(x.cpu())
+            return x[:-1] if bool((x[:, 0] == SHORT).any()) else x
+        import tensorflow as tf
+
         checked = tf.debugging.assert_none_equal(
             x[:, 0], tf.constant(FAIL, x.dtype), message="a FAIL sample"
         )
         with tf.control_dependencies([checked]):
             short = tf.reduce_any(tf.equal(x[:, 0], SHORT))
             return tf.cond(short, lambda: x[:-1], lambda: tf.identity(x))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape

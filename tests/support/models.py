@@ -55,14 +55,19 @@ def export_savedmodel(path: str, *, features: int = FEATURES, seed: int = 3) -> 
 
 
 def build_oom_model(path: str, *, max_rows: int, features: int = FEATURES) -> str:
-    """An MLP whose device call raises ResourceExhaustedError on batches above ``max_rows``."""
+    """An MLP whose device call runs out of memory on batches above ``max_rows`` samples.
+
+    Its input takes samples of any width (it reads the first ``features``), and
+    the limit counts numbers, ``max_rows * features``: a sample wider than that
+    never fits, even alone. The error is each backend's own (tests/support/layers.py).
+    """
     import keras
 
-    from tests.support.layers import OomAbove
+    from tests.support.layers import FirstFeatures, OomAbove
 
-    inputs = keras.Input((features,), name="x")
-    guarded = OomAbove(max_rows)(inputs)
-    outputs = keras.layers.Dense(3, name="y")(guarded)
+    inputs = keras.Input((None,), name="x")
+    guarded = OomAbove(max_rows * features)(inputs)
+    outputs = keras.layers.Dense(3, name="y")(FirstFeatures(features)(guarded))
     keras.Model(inputs, outputs).save(path)
     return path
 

@@ -1,0 +1,270 @@
+"""`python -m bench.gpu_check`: a JAX-backend worker on one GPU, measured in one go.
+
+Run by bench/gpu_check.sh (which installs the carried wheels first). On the
+device ``PREDICTQ_DEVICE`` names (gpu by default; cpu tries the same script on
+any machine), with a private Redis and the benchmark's models:
+
+* raw: the in-process compiled call at its best batch size (its own process);
+* storm, idle, bulk: one worker with ``PREDICTQ_MAX_BATCH_SIZE`` at that size;
+  the device's busy share (the worker's own ``predictq_device_seconds``), its
+  compile counts, and its process's GPU memory (nvidia-smi) after the bulk run;
+* memory: the MLP worker's GPU memory with growth (the default: JAX does not
+  preallocate), with growth off (JAX takes 75% of the GPU at start), and with
+  ``PREDICTQ_GPU_MEMORY_LIMIT_MB``;
+* two worker processes on one GPU, both reading the queue: storm and bulk.
+
+Prints one table and writes gpu_check.json to ``--out`` (default bench/results).
+This process computes the reference outputs with JAX on the CPU, so it never
+holds GPU memory itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ["KERAS_BACKEND"] = "jax"  # the driver, like the workers (no TensorFlow there)
+
+import psutil
+
+from bench import procs, scenarios
+from bench.__main__ import reference
+from bench.backends import raw_in
+from bench.models import BenchModel, build
+from bench.scenarios import Result, bulk, closed_loop
+from predictq_ops.redis_server import RedisServer
+from producer import PredictionClient
+
+DEVICE = os.environ.get("PREDICTQ_DEVICE", "gpu")
+Row = dict[str, Any]
+
+
+def gpu_memory_mb(pids: set[int]) -> str:
+    """GPU memory of ``pids`` (MiB), and the whole GPU's, from nvidia-smi; "-" without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "-"
+    apps = subprocess.run(
+        [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    used = sum(
+        float(mb)
+        for pid, mb in (line.split(",") for line in apps.splitlines() if "," in line)
+        if int(pid) in pids
+    )
+    total = subprocess.run(
+        [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{used:,.0f} (GPU {float(total or 0):,.0f})"
+
+
+@contextlib.contextmanager
+def workers(
+    server: RedisServer, m: BenchModel, queue: str, count: int, env: dict[str, str]
+) -> Iterator[list[procs.Worker]]:
+    """``count`` JAX workers on ``DEVICE`` reading ``queue``, stopped on exit."""
+    started: list[procs.Worker] = []
+    settings = {
+        "PREDICTQ_QUEUE": queue,
+        "PREDICTQ_KERAS_BACKEND": "jax",
+        "PREDICTQ_DEVICE": DEVICE,
+        **env,
+    }
+    try:
+        for _ in range(count):
+            started.append(
+                procs.predictq_worker(
+                    server.url(0), server.url(1), m.path, concurrency=64, extra_env=settings
+                )
+            )
+        yield started
+    finally:
+        for w in started:
+            w.stop()
+
+
+def pids(pool: list[procs.Worker]) -> set[int]:
+    """The workers' processes and their children."""
+    found = set()
+    for w in pool:
+        found.add(w.process.pid)
+        with contextlib.suppress(psutil.Error):
+            found |= {c.pid for c in psutil.Process(w.process.pid).children(recursive=True)}
+    return found
+
+
+def device_busy(before: list[dict[str, float]], pool: list[procs.Worker], seconds: float) -> str:
+    after = [w.metrics() for w in pool]
+    busy = [
+        (a["predictq_device_seconds_sum"] - b["predictq_device_seconds_sum"]) / seconds
+        for a, b in zip(after, before, strict=True)
+    ]
+    return " + ".join(f"{x:.0%}" for x in busy)
+
+
+def serve(
+    server: RedisServer, m: BenchModel, args: argparse.Namespace, best: int, count: int, env: dict
+) -> tuple[list[Row], str]:
+    """Storm, idle and bulk through ``count`` workers; rows and their GPU memory."""
+    queue = f"gpu-{m.name}-{count}-{len(env)}"
+    x = m.inputs(args.storm_jobs, seed=1)
+    expected = reference(m.path, x)
+    xb = m.inputs(args.bulk_rows if m.name == "mlp" else args.bulk_rows // 50, seed=3)
+    rows: list[Row] = []
+    with (
+        workers(server, m, queue, count, {"PREDICTQ_MAX_BATCH_SIZE": str(best), **env}) as pool,
+        PredictionClient(
+            broker_url=server.url(0),
+            result_backend=server.url(1),
+            queue=queue,
+            result_timeout_s=300,
+        ) as client,
+    ):
+
+        def one(i: int) -> Any:
+            return client.predict(x[i : i + 1])
+
+        closed_loop(m.name, "warm-up", one, expected, jobs=50, threads=8)
+        compiled = sum(w.metrics()["predictq_model_compiles"] for w in pool)
+        before = [w.metrics() for w in pool]
+        storm = closed_loop(m.name, "storm", one, expected, jobs=args.storm_jobs, threads=32)
+        rows.append(row(storm, device_busy(before, pool, storm.seconds)))
+        if count == 1:
+            idle = closed_loop(m.name, "idle", one, expected, jobs=args.idle_jobs, threads=1)
+            rows.append(row(idle, ""))
+        chunk = 8192 if m.name == "mlp" else best
+        before = [w.metrics() for w in pool]
+        b = bulk(
+            m.name,
+            lambda a: client.predict_many(a, chunk_size=chunk, timeout=600),
+            xb,
+            reference(m.path, xb),
+            note=f"{len(xb):,} rows, chunk {chunk}",
+        )
+        rows.append(row(b, device_busy(before, pool, b.seconds)))
+        memory = gpu_memory_mb(pids(pool))
+        later = sum(w.metrics()["predictq_model_compiles"] for w in pool)
+        for r in rows:
+            r["compiles"] = f"{compiled:.0f}+{later - compiled:.0f}"
+            r["gpu_mb"] = memory
+    return rows, memory
+
+
+def row(r: Result, busy: str) -> Row:
+    return {
+        "scenario": r.scenario,
+        "model": r.model,
+        "samples_per_s": r.samples_per_s,
+        "jobs_per_s": r.jobs_per_s,
+        "p50_ms": r.pct(50),
+        "p99_ms": r.pct(99),
+        "busy": busy,
+        "errors": r.errors,
+        "max_abs_err": r.max_abs_err,
+        "note": r.note,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    parser.add_argument("--models", default="mlp,mobilenetv2")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--limit-mb", type=int, default=4096, help="the memory-limit case")
+    args = parser.parse_args()
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # this process only; its children pick their own
+    args.storm_jobs = 500 if args.quick else 3000
+    args.idle_jobs = 30 if args.quick else 100
+    args.bulk_rows = 50_000 if args.quick else 500_000
+    if DEVICE == "gpu":
+        scenarios.ATOL = 5e-3  # the GPU's TF32 matrix products against this CPU's float32
+    started = time.time()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, RedisServer() as server:
+        models = [m for m in build(tmp, quick=args.quick) if m.name in args.models.split(",")]
+        for m in models:
+            raw = raw_in("jax", m, tmp, {"PREDICTQ_DEVICE": DEVICE})
+            r, best = raw["result"], int(raw["batch"])
+            rows.append(
+                {
+                    "scenario": "raw",
+                    "model": m.name,
+                    "samples_per_s": r["samples_per_s"],
+                    "errors": r["errors"],
+                    "max_abs_err": r["max_abs_err"],
+                    "note": f"batch {best}; batch-1 {raw['batch1_ms']:.2f} ms back to back, "
+                    f"{raw['alone_ms']:.2f} ms alone",
+                }
+            )
+            print(f"[{m.name}] raw done: best batch {best}", flush=True)
+            served, _ = serve(server, m, args, best, 1, {})
+            rows += served
+            if m.name != "mlp":
+                continue
+            # A ready worker (warmed up to batches of 4096): what each setting holds.
+            for label, env in (
+                ("memory: growth (default)", {}),
+                ("memory: growth off", {"PREDICTQ_GPU_MEMORY_GROWTH": "false"}),
+                (
+                    f"memory: limit {args.limit_mb}",
+                    {"PREDICTQ_GPU_MEMORY_LIMIT_MB": str(args.limit_mb)},
+                ),
+            ):
+                with workers(server, m, f"gpu-mem-{len(rows)}", 1, env) as pool:
+                    memory = gpu_memory_mb(pids(pool))
+                rows.append({"scenario": label, "model": m.name, "gpu_mb": memory})
+            two, _ = serve(server, m, args, best, 2, {})
+            for r2 in two:
+                r2["scenario"] = f"2 workers: {r2['scenario']}"
+            rows += two
+    report(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"device": DEVICE, "seconds": round(time.time() - started, 1), "rows": rows}
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nwrote {out / 'gpu_check.json'} ({summary['seconds']:.0f}s in all)")
+    if any(r.get("errors") for r in rows):
+        sys.exit("some outputs were wrong or jobs failed")
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None or v == "" else format(v, spec)
+
+
+def report(rows: list[Row]) -> None:
+    print(f"\nJAX backend on {DEVICE}")
+    header = (
+        f"{'scenario':<28}{'model':<12}{'samples/s':>12}{'jobs/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'busy':>10}  {'GPU MiB (all)':<20}{'compiles':>9}{'err':>5}{'max|err|':>10}  note"
+    )
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(
+            f"{r['scenario']:<28}{r['model']:<12}{_fmt(r.get('samples_per_s'), ',.0f'):>12}"
+            f"{_fmt(r.get('jobs_per_s'), ',.1f'):>9}{_fmt(r.get('p50_ms'), '.2f'):>9}"
+            f"{_fmt(r.get('p99_ms'), '.2f'):>9}{r.get('busy', '') or '-':>10}  "
+            f"{r.get('gpu_mb', '-'):<20}{r.get('compiles', '-'):>9}{r.get('errors', 0):>5}"
+            f"{_fmt(r.get('max_abs_err'), '.1e'):>10}  {r.get('note', '')}"
+        )
+
+
+if __name__ == "__main__":
+    main()
