@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from predictq.kombu_layout import UNACKED_KEY, queue_keys
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import backends, models
@@ -22,6 +24,22 @@ def redis_server() -> Iterator[RedisServer]:
     """A redis-server on a free port for the whole session (system binary or bundled)."""
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """A redis-server of the test module's own (its keys and queues touch no other module)."""
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture()
+def queue(server: RedisServer) -> Iterator[str]:
+    """A queue name of this test alone; its kombu lists and the unacked hash go afterwards."""
+    name = f"q-{uuid.uuid4().hex[:8]}"
+    yield name
+    with server.client() as r:
+        r.delete(*queue_keys(name), UNACKED_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -38,13 +38,6 @@ WRONG_SHAPE = "InvalidInput input 'x': expected shape [N, 64], received [1, 63]"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    """A Redis of this module's own: the examples use the default queue, `predictq`."""
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def model_path(model_dir: Path) -> str:
     return models.build_mlp(str(model_dir / "mlp64.keras"), features=FEATURES, classes=CLASSES)
 

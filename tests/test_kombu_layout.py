@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,20 +27,6 @@ from producer import PredictionClient, wire
 from producer.wire import JobInput
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture()
-def queue(server: RedisServer) -> Iterator[str]:
-    name = f"layout-{uuid.uuid4().hex[:8]}"
-    yield name
-    with server.client() as r:
-        r.delete(*kombu_layout.queue_keys(name), kombu_layout.UNACKED_KEY)
 
 
 @pytest.fixture()

@@ -408,12 +408,6 @@ CASES: dict[str, Case] = {
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def worker(server: RedisServer, mlp_path: str) -> Iterator[WorkerProcess]:
     w = worker_on(
         server,

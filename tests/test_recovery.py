@@ -11,7 +11,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,20 +23,6 @@ from predictq.kombu_layout import UNACKED_KEY, encode_message, list_key, queue_k
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
 from producer.recovery import LostJobRecovery
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture()
-def queue(server: RedisServer) -> Iterator[str]:
-    name = f"recovery-{uuid.uuid4().hex[:8]}"
-    yield name
-    with server.client() as r:
-        r.delete(*queue_keys(name), UNACKED_KEY)
 
 
 def message(queue: str, task_id: str) -> bytes:
