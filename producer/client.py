@@ -29,8 +29,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.backends.redis import RedisBackend
 
 from predictq.carrier import MAX_JOBS
 from predictq.celeryconf import PREDICT_TASK, celery_config
@@ -48,6 +46,7 @@ from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
 from producer.aio import SubmitPool, wait_done
+from producer.app import ProducerApp
 from producer.coalescer import Coalescer, Ticket
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
@@ -57,30 +56,6 @@ from producer.sender import Outgoing, Sender
 from producer.wire import JobInput
 
 log = logging.getLogger(__name__)
-
-
-class _ProducerBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, minus its per-call pub/sub subscription.
-
-    ``send_task`` calls ``backend.on_task_call``, which subscribes Celery's own
-    result consumer to the task; that consumer is not shared between threads.
-    The ResultCollector subscribes instead, so this hook does nothing.
-    """
-
-    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
-        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
-
-
-class _ProducerApp(Celery):  # type: ignore[misc]
-    """The producer's Celery app: its result backend is _ProducerBackend."""
-
-    # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
-    # `_get_backend`); passing `backend=` to the constructor would only set the
-    # `result_backend` setting, which the configuration then overrides.
-    backend_cls = _ProducerBackend
 
 
 class PredictionClient:
@@ -95,7 +70,7 @@ class PredictionClient:
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.replace(**overrides) if overrides else base
         register_serializer()
-        self._app = _ProducerApp("predictq-producer", set_as_current=False)
+        self._app = ProducerApp("predictq-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
         self._broker = client_from_url(self.settings.broker_url)
         self._results = client_from_url(self.settings.result_backend)

@@ -62,7 +62,12 @@ def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str,
         error = PredictionError(f"the worker failed running a coalesced message: {e!r}")
         for entry in entries:
             if entry.job_id not in answer.answered:
-                answer.job(entry, error)
+                try:
+                    answer.job(entry, error)
+                except Exception:
+                    # The result backend itself fails: lost-job recovery (producer)
+                    # republishes what has no result once the message is gone.
+                    log.exception("could not store the failure of job %s", entry.job_id)
         raise
     return {"jobs": len(raw_entries), "succeeded": answer.succeeded, "failed": answer.failed}
 
