@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from predictq.carrier import MAX_JOBS
 from predictq.errors import ConfigError
 
 ENV_PREFIX = "PREDICTQ_"
@@ -324,7 +325,10 @@ class Settings:
         )
         _require(self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, "integer >= 1")
         _require(
-            self.coalesce_max_jobs >= 1, "coalesce_max_jobs", self.coalesce_max_jobs, "integer >= 1"
+            1 <= self.coalesce_max_jobs <= MAX_JOBS,
+            "coalesce_max_jobs",
+            self.coalesce_max_jobs,
+            f"an integer between 1 and {MAX_JOBS} (what a worker accepts in one message)",
         )
         _require(
             self.coalesce_max_samples >= 1,

@@ -30,7 +30,6 @@ from typing import Any
 
 import redis
 
-from predictq.carrier import MAX_JOBS
 from predictq.celeryconf import PREDICT_TASK, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
@@ -80,7 +79,7 @@ class PredictionClient:
         # stays well under the size a worker accepts (PREDICTQ_MAX_PAYLOAD_BYTES).
         self._coalescer: Coalescer[Outgoing] = Coalescer(
             self._sender.publish,
-            max_jobs=min(self.settings.coalesce_max_jobs, MAX_JOBS),
+            max_jobs=self.settings.coalesce_max_jobs,
             max_samples=self.settings.coalesce_max_samples,
             max_bytes=min(self.settings.coalesce_max_bytes, self.settings.max_payload_bytes // 2),
         )

@@ -9,6 +9,7 @@ jobs meant to travel together are queued behind it.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import urllib.request
@@ -20,12 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from predictq.carrier import JOBS_HEADER
+from predictq.celeryconf import PREDICT_JOBS_TASK
 from predictq.errors import BrokerUnavailable, DeadlineExceeded, InvalidInput, PoisonJob
+from predictq.kombu_layout import UNACKED_KEY
 from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient
 from producer.coalescer import Coalescer, Ticket
 from tests.support import models
-from tests.support.cluster import client_on, wait_dead_or_done, worker_on
+from tests.support.cluster import PoisonedWorker, client_on, worker_on
 from tests.support.layers import POISON
 from tests.support.processes import WorkerProcess, wait_for
 
@@ -349,46 +353,33 @@ def test_a_poison_job_in_a_coalesced_message_fails_alone_and_its_neighbours_comp
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.build_poison_model(str(tmp_path / "poison.keras"))
-    env = {
-        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
-        "PREDICTQ_MAX_DELIVERIES": "2",
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
-    }
-    worker = worker_on(own_redis, path, concurrency=8, name="poisoned", env=env).start()
-    deaths = 0
-    try:
-        worker.wait_ready()
-        rng = np.random.default_rng(96)
-        xs = [rng.random((1, F), dtype=np.float32) for _ in range(6)]
-        poison = np.full((1, F), POISON, np.float32)
-        with client_on(own_redis, visibility_timeout_s=2) as client:
-            calls: list[Callable[[], Job]] = [lambda x=x: client.submit(x) for x in xs[:3]]
-            calls.append(lambda: client.submit(poison))
-            calls += [lambda x=x: client.submit(x) for x in xs[3:]]
-            opener, jobs = submit_together(client, calls)
-            bad = jobs[3]
-            assert isinstance(bad, Job)
-            while wait_dead_or_done(worker, bad) == "dead":
-                assert worker.process is not None and worker.process.returncode == 17
-                deaths += 1
-                assert deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
-                worker = worker_on(own_redis, path, concurrency=8, name="poisoned", env=env)
-                worker.start().wait_ready()
-            with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
-                bad.get(timeout=10)
-            assert deaths == 2
-            innocent = [j for i, j in enumerate(jobs) if i != 3]
-            for job, x in zip(innocent, xs, strict=True):
-                assert isinstance(job, Job)
-                assert np.allclose(job.get(timeout=60), models.reference(path, x), atol=1e-5)
-            opener.get(timeout=60)
-    finally:
-        worker.stop()
+    rng = np.random.default_rng(96)
+    xs = [rng.random((1, F), dtype=np.float32) for _ in range(6)]
+    poison = np.full((1, F), POISON, np.float32)
+    with (
+        PoisonedWorker(own_redis, path) as poisoned,
+        client_on(own_redis, visibility_timeout_s=2) as client,
+    ):
+        calls: list[Callable[[], Job]] = [lambda x=x: client.submit(x) for x in xs[:3]]
+        calls.append(lambda: client.submit(poison))
+        calls += [lambda x=x: client.submit(x) for x in xs[3:]]
+        opener, jobs = submit_together(client, calls)
+        bad = jobs.pop(3)
+        assert isinstance(bad, Job)
+        # First delivery: the whole message dies with its worker. Then its jobs
+        # run one at a time: the poison one is counted alone, twice, then given up.
+        assert poisoned.until_done(bad) == 2
+        with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
+            bad.get(timeout=10)
+        for job, x in zip(jobs, xs, strict=True):
+            assert isinstance(job, Job)
+            assert np.allclose(job.get(timeout=60), models.reference(path, x), atol=1e-5)
+        opener.get(timeout=60)
 
 
 @pytest.mark.slow
 def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_correct(
-    own_redis: RedisServer, mlp_path: str, tmp_path: Path
+    own_redis: RedisServer, mlp_path: str
 ) -> None:
     env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "4"}
     first = worker_on(own_redis, mlp_path, concurrency=8, name="victim", env=env).start()
@@ -410,6 +401,11 @@ def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_
             jobs[0][0].get(timeout=120)
             first.kill()  # SIGKILL: carriers queued, reserved and running
             assert any(not j.done() for row in jobs for j in row)
+            # What only late acks and the visibility timeout bring back: the
+            # coalesced messages the dead worker held.
+            with own_redis.client() as r:
+                held = [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
+            assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held)
             heir.start().wait_ready()
             expected = models.reference(mlp_path, xs.reshape(-1, F)).reshape(32, 40, 1, 4)
             for i, row in enumerate(jobs):

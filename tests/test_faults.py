@@ -24,10 +24,10 @@ from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support import backends, models
 from tests.support.cluster import (
+    PoisonedWorker,
     assert_all_correct,
     client_on,
     inputs,
-    wait_dead_or_done,
     worker_on,
 )
 from tests.support.layers import POISON
@@ -207,33 +207,19 @@ def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_co
     aof_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.build_poison_model(str(tmp_path / "poison.keras"))
-    env = {
-        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
-        "PREDICTQ_MAX_DELIVERIES": "2",
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
-    }
-    worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
-    deaths = 0
-    try:
-        worker.wait_ready()
+    with (
+        PoisonedWorker(aof_redis, path) as poisoned,
+        client_on(aof_redis, visibility_timeout_s=2) as client,
+    ):
         x = inputs(20, seed=3)
         poison = np.full((1, F), POISON, np.float32)
-        with client_on(aof_redis, visibility_timeout_s=2) as client:
-            innocent = [client.submit(x[i]) for i in range(10)]
-            bad = client.submit(poison)
-            innocent += [client.submit(x[i]) for i in range(10, 20)]
-            while wait_dead_or_done(worker, bad) == "dead":
-                assert worker.process is not None and worker.process.returncode == 17
-                deaths += 1
-                assert deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
-                worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
-                worker.wait_ready()
-            with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
-                bad.get(timeout=10)
-            assert deaths == 2
-            assert_all_correct(innocent, x, path)
-    finally:
-        worker.stop()
+        innocent = [client.submit(x[i]) for i in range(10)]
+        bad = client.submit(poison)
+        innocent += [client.submit(x[i]) for i in range(10, 20)]
+        assert poisoned.until_done(bad) == 2
+        with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
+            bad.get(timeout=10)
+        assert_all_correct(innocent, x, path)
 
 
 @pytest.mark.parametrize("backend", backends.ALL)
