@@ -160,7 +160,8 @@ class PredictionClient:
         job_id = f"{self._id_prefix}{uuid.uuid4()}"
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
-        outgoing = Outgoing(job_id, job_input, expires, task)
+        give_up = time.monotonic() + self.settings.submit_timeout_s
+        outgoing = Outgoing(job_id, job_input, expires, task, give_up)
         ticket = Ticket(
             outgoing,
             samples=job_input.rows,

@@ -47,6 +47,9 @@ class Outgoing:
     job_input: JobInput
     expires: datetime | None
     task: str = PREDICT_TASK
+    #: ``time.monotonic()`` instant after which its publish stops retrying an
+    #: unreachable Redis (None: ``submit_timeout_s`` from the publish's start).
+    give_up: float | None = None
 
 
 class Sender:
@@ -72,9 +75,13 @@ class Sender:
 
     def publish(self, jobs: list[Outgoing]) -> None:
         """One message for ``jobs``: a plain one for a single job, else a carrier."""
+        # Each job's submit keeps its own PREDICTQ_SUBMIT_TIMEOUT_S, however long
+        # it queued behind an earlier publish: the message gives up with the first.
+        limits = [j.give_up for j in jobs if j.give_up is not None]
+        give_up = min(limits) if limits else None
         if len(jobs) == 1:
             job = jobs[0]
-            self.publish_one(job.job_id, job.job_input, job.expires, job.task)
+            self.publish_one(job.job_id, job.job_input, job.expires, job.task, give_up=give_up)
             return
         entries = []
         stored = []
@@ -94,10 +101,16 @@ class Sender:
             headers={SENT_AT_HEADER: time.time(), carrier.JOBS_HEADER: [j.job_id for j in jobs]},
             argsrepr=carrier.argsrepr([j.job_input.summary for j in jobs]),
         )
-        self.retrying(lambda: self._publisher.publish(raw, stored))
+        self.retrying(lambda: self._publisher.publish(raw, stored), give_up=give_up)
 
     def publish_one(
-        self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
+        self,
+        job_id: str,
+        job_input: JobInput,
+        expires: datetime | None,
+        task: str = PREDICT_TASK,
+        *,
+        give_up: float | None = None,
     ) -> None:
         """A ``task`` message for one job."""
         argument, payload = self._argument(job_id, job_input)
@@ -109,7 +122,8 @@ class Sender:
             headers={SENT_AT_HEADER: time.time()},
             argsrepr=job_input.summary,
         )
-        self.retrying(lambda: self._publisher.publish(raw, [] if payload is None else [payload]))
+        stored = [] if payload is None else [payload]
+        self.retrying(lambda: self._publisher.publish(raw, stored), give_up=give_up)
 
     def _argument(
         self, job_id: str, job_input: JobInput
@@ -119,10 +133,15 @@ class Sender:
         data = codec.dumps(job_input.value)
         return payloads.reference(job_id), (payloads.payload_key(job_id), data, self._payload_ttl_s)
 
-    def retrying(self, call: Callable[[], T]) -> T:
-        """``call()``, retried while Redis is unreachable, up to ``submit_timeout_s``."""
+    def retrying(self, call: Callable[[], T], *, give_up: float | None = None) -> T:
+        """``call()``, retried while Redis is unreachable, up to ``submit_timeout_s``.
+
+        ``give_up``: a ``time.monotonic()`` instant to stop at instead (one try
+        at least).
+        """
         settings = self._settings
-        give_up = time.monotonic() + settings.submit_timeout_s
+        if give_up is None:
+            give_up = time.monotonic() + settings.submit_timeout_s
         delay_s = 0.05
         while True:
             try:

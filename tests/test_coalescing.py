@@ -25,7 +25,7 @@ from predictq.carrier import JOBS_HEADER
 from predictq.celeryconf import PREDICT_JOBS_TASK
 from predictq.errors import BrokerUnavailable, DeadlineExceeded, InvalidInput, PoisonJob
 from predictq.kombu_layout import UNACKED_KEY
-from predictq_ops.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from producer.coalescer import Coalescer, Ticket
 from tests.support import models
@@ -337,6 +337,30 @@ def test_coalescing_off_sends_every_job_in_its_own_message(
             assert isinstance(job, Job)
             assert np.allclose(job.get(timeout=60), models.reference(mlp_path, x), atol=1e-5)
         assert (alone._coalescer.messages, alone._coalescer.jobs) == (5, 5)
+
+
+def test_submits_queued_during_an_outage_each_raise_within_their_own_submit_timeout() -> None:
+    with PredictionClient(
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",
+        result_backend=f"redis://127.0.0.1:{free_port()}/1",
+        submit_timeout_s=2,
+        max_in_flight=8,
+    ) as client:
+        held = HeldPublish(client)
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(client.submit, np.ones((1, F), np.float32))
+            assert held.holding.wait(10)
+            rest = [pool.submit(client.submit, np.ones((1, F), np.float32)) for _ in range(7)]
+            held.release_when_queued(7)
+            errors = [f.exception(30) for f in [first, *rest]]
+        took_s = time.monotonic() - started
+        assert all(isinstance(e, BrokerUnavailable) for e in errors), errors
+        # The 7 queued behind the first do not get 2 s more of their own: each
+        # submit gives up 2 s after it began (4 s if the second publish retried anew).
+        assert took_s < 3.5
+        assert all(client._slots.acquire(timeout=0) for _ in range(8)), "a slot was not freed"
+        assert client._collector.pending() == 0
 
 
 # --- faults: poison, SIGKILL ---------------------------------------------------

@@ -157,7 +157,7 @@ def test_a_submit_made_during_a_redis_outage_waits_it_out_and_its_job_completes(
     env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "5"}
     worker = worker_on(aof_redis, mlp_path, concurrency=4, name="patient", env=env).start()
     retrying = _LogSeen("broker unavailable")
-    producer_log = logging.getLogger("producer.client")
+    producer_log = logging.getLogger("producer.sender")
     producer_log.addHandler(retrying)
     try:
         worker.wait_ready()
