@@ -17,6 +17,7 @@ a key added to the contract is added here.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -32,8 +33,8 @@ REQUIRED_KEYS: Final = frozenset({"id", "inputs"})
 MAX_JOBS: Final = 4096
 #: Longest job id accepted (as for a message's own task id).
 MAX_ID_CHARS: Final = 255
-#: Summaries shown in a carrier's ``argsrepr`` (Flower), the rest counted.
-ARGSREPR_JOBS: Final = 4
+#: Distinct input summaries shown in a carrier's ``argsrepr`` (Flower).
+ARGSREPR_KINDS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,15 @@ def entry(job_id: str, inputs: object, expires: datetime | None) -> dict[str, ob
 
 
 def argsrepr(summaries: list[str]) -> str:
-    """A carrier's ``argsrepr`` for Flower: the job count and a few input summaries."""
-    shown = ", ".join(summaries[:ARGSREPR_JOBS])
-    more = f", +{len(summaries) - ARGSREPR_JOBS} more" if len(summaries) > ARGSREPR_JOBS else ""
-    return f"{len(summaries)} jobs: [{shown}{more}]"
+    """A carrier's ``argsrepr`` for Flower: the job count and its inputs' summaries, counted.
+
+    E.g. ``3 jobs: [2 x array of dtype float32 and shape (1, 16), 1 x ...]``; never the data.
+    """
+    counts = Counter(summaries)
+    shown = [f"{n} x {summary}" for summary, n in list(counts.items())[:ARGSREPR_KINDS]]
+    if len(counts) > ARGSREPR_KINDS:
+        shown.append(f"{len(counts) - ARGSREPR_KINDS} more kinds")
+    return f"{len(summaries)} jobs: [{', '.join(shown)}]"
 
 
 def _kind(value: object) -> str:
