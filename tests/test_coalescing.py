@@ -29,7 +29,12 @@ from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from producer.coalescer import Coalescer, Ticket
 from tests.support import models
-from tests.support.cluster import PoisonedWorker, client_on, worker_on
+from tests.support.cluster import (
+    PoisonedWorker,
+    assert_all_correct,
+    client_on,
+    victim_and_heir,
+)
 from tests.support.layers import POISON
 from tests.support.processes import WorkerProcess, wait_for
 
@@ -405,37 +410,25 @@ def test_a_poison_job_in_a_coalesced_message_fails_alone_and_its_neighbours_comp
 def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_correct(
     own_redis: RedisServer, mlp_path: str
 ) -> None:
-    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "4"}
-    first = worker_on(own_redis, mlp_path, concurrency=8, name="victim", env=env).start()
-    heir = worker_on(own_redis, mlp_path, concurrency=8, name="heir", env=env)
-    try:
-        first.wait_ready()
-        rng = np.random.default_rng(97)
-        xs = rng.random((32, 40, 1, F), dtype=np.float32)
-        with client_on(own_redis, visibility_timeout_s=4) as client:
-            jobs: list[list[Job]] = [[] for _ in range(32)]
+    xs = np.random.default_rng(97).random((32 * 40, 1, F), dtype=np.float32)
+    with (
+        victim_and_heir(own_redis, mlp_path, visibility_timeout_s=4) as (first, heir),
+        client_on(own_redis, visibility_timeout_s=4) as client,
+    ):
+        # 32 callers, 40 jobs each: caller i submits rows [40 i, 40 i + 40).
+        def caller(i: int) -> list[Job]:
+            return [client.submit(x) for x in xs[40 * i : 40 * i + 40]]
 
-            def caller(i: int) -> None:
-                for x in xs[i]:
-                    jobs[i].append(client.submit(x))
-
-            with ThreadPoolExecutor(32) as pool:
-                list(pool.map(caller, range(32)))
-            assert client._coalescer.messages < client._coalescer.jobs
-            jobs[0][0].get(timeout=120)
-            first.kill()  # SIGKILL: carriers queued, reserved and running
-            assert any(not j.done() for row in jobs for j in row)
-            # What only late acks and the visibility timeout bring back: the
-            # coalesced messages the dead worker held.
-            with own_redis.client() as r:
-                held = [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
-            assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held)
-            heir.start().wait_ready()
-            expected = models.reference(mlp_path, xs.reshape(-1, F)).reshape(32, 40, 1, 4)
-            for i, row in enumerate(jobs):
-                for k, job in enumerate(row):
-                    out = job.get(timeout=180)
-                    assert np.allclose(out, expected[i, k], atol=1e-5), (i, k)
-    finally:
-        first.stop()
-        heir.stop()
+        with ThreadPoolExecutor(32) as pool:
+            jobs = [job for row in pool.map(caller, range(32)) for job in row]
+        assert client._coalescer.messages < client._coalescer.jobs
+        jobs[0].get(timeout=120)
+        first.kill()  # SIGKILL: coalesced messages queued, reserved and running
+        assert any(not j.done() for j in jobs)
+        # What only late acks and the visibility timeout bring back: the
+        # coalesced messages the dead worker held.
+        with own_redis.client() as r:
+            held = [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
+        assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held)
+        heir.start().wait_ready()
+        assert_all_correct(jobs, xs, mlp_path)

@@ -28,6 +28,7 @@ from tests.support.cluster import (
     assert_all_correct,
     client_on,
     inputs,
+    victim_and_heir,
     worker_on,
 )
 from tests.support.layers import POISON
@@ -53,11 +54,7 @@ def wait_results(jobs: list[Job], count: int) -> None:
 def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
     aof_redis: RedisServer, mlp_path: str
 ) -> None:
-    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "4"}
-    first = worker_on(aof_redis, mlp_path, concurrency=8, name="victim", env=env).start()
-    replacement = worker_on(aof_redis, mlp_path, concurrency=8, name="heir", env=env)
-    try:
-        first.wait_ready()
+    with victim_and_heir(aof_redis, mlp_path, visibility_timeout_s=4) as (first, replacement):
         x = inputs(1500)
         with client_on(aof_redis, visibility_timeout_s=4) as client:
             jobs = [client.submit(x[i]) for i in range(len(x))]
@@ -71,9 +68,6 @@ def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
             assert aof_redis.client().hlen("unacked") > 0
             replacement.start().wait_ready()
             assert_all_correct(jobs, x, mlp_path)
-    finally:
-        first.stop()
-        replacement.stop()
 
 
 @pytest.mark.slow

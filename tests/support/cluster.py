@@ -5,7 +5,9 @@ Shared by the fault and lifecycle tests, which each start their own Redis.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import numpy as np
@@ -103,3 +105,19 @@ class PoisonedWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.worker.stop()
+
+
+@contextlib.contextmanager
+def victim_and_heir(
+    server: RedisServer, model_path: str, *, visibility_timeout_s: int
+) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
+    """A ready worker to kill, and one (not started) to take over after; both stopped at the end."""
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+    victim = worker_on(server, model_path, concurrency=8, name="victim", env=env).start()
+    heir = worker_on(server, model_path, concurrency=8, name="heir", env=env)
+    try:
+        victim.wait_ready()
+        yield victim, heir
+    finally:
+        victim.stop()
+        heir.stop()
