@@ -23,3 +23,4 @@ def client_from_url(url: str, *, socket_timeout_s: float = 5.0) -> redis.Redis:
         health_check_interval=10,
         retry_on_timeout=True,
     )
+
