@@ -17,6 +17,8 @@ from predictq.codec import (
 from predictq.settings import Settings
 
 PREDICT_TASK: Final = "predictq.predict"
+#: Several jobs in one message (a coalesced message, predictq/carrier.py).
+PREDICT_JOBS_TASK: Final = "predictq.predict_jobs"
 NOOP_TASK: Final = "predictq.noop"
 #: Header the producer adds so workers can measure time spent in the queue.
 SENT_AT_HEADER: Final = "predictq_sent_at"

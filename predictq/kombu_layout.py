@@ -37,6 +37,8 @@ from typing import Any, Final
 
 import redis
 
+from predictq.carrier import JOBS_HEADER
+
 #: The kombu release whose Redis layout this module mirrors.
 MIRRORED_KOMBU: Final = "5.7"
 
@@ -105,7 +107,9 @@ def encode_message(
 # Reads `count` messages (LRANGE from index `cursor`, or HSCAN from `cursor`)
 # and returns {next cursor ('0' when done), bytes read, their task ids...}.
 # The task id is the correlation_id property, near the end of each message
-# (see the layout above): only the last 2 KB are searched.
+# (see the layout above): only the last 2 KB are searched. A coalesced message
+# (predictq/carrier.py) also lists its jobs' ids in a header, which comes after
+# the body (base64, which holds no '"'): a plain find past the body's end.
 _READ_IDS = """
 local key, cursor, count = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local kind = redis.call('TYPE', key)['ok']
@@ -126,10 +130,19 @@ for _, item in ipairs(items) do
   local _, e = string.find(item, '"correlation_id": "', math.max(1, #item - 2048), true)
   local q = e and string.find(item, '"', e + 1, true)
   if q then out[#out + 1] = string.sub(item, e + 1, q - 1) end
+  local _, b = string.find(item, '"body": "', 1, true)
+  local body_end = b and string.find(item, '"', b + 1, true)
+  local _, j = string.find(item, '"@JOBS_HEADER@": [', body_end or 1, true)
+  local k = j and string.find(item, ']', j + 1, true)
+  if k then
+    for id in string.gmatch(string.sub(item, j + 1, k - 1), '"([^"]*)"') do
+      out[#out + 1] = id
+    end
+  end
 end
 out[2] = bytes
 return out
-"""
+""".replace("@JOBS_HEADER@", JOBS_HEADER)
 
 
 class TaskIdReader:

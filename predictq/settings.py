@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from predictq.carrier import MAX_JOBS
 from predictq.errors import ConfigError
 
 ENV_PREFIX = "PREDICTQ_"
@@ -175,6 +176,23 @@ class Settings:
     max_queue_length: int | None = field(
         default=None, metadata={"help": "Refuse submits with QueueFull past this queue length."}
     )
+    coalesce_max_jobs: int = field(
+        default=64,
+        metadata={
+            "help": "Most jobs of one client sent together in one message (jobs submitted "
+            "while its previous message is being sent); 1 = every job in its own message."
+        },
+    )
+    coalesce_max_samples: int = field(
+        default=4096, metadata={"help": "Most samples (rows) in one coalesced message."}
+    )
+    coalesce_max_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={
+            "help": "Most input bytes in one coalesced message (inputs sent by reference "
+            "count a few hundred bytes each)."
+        },
+    )
 
     # --- Operations --------------------------------------------------------
     metrics_port: int | None = field(
@@ -306,6 +324,24 @@ class Settings:
             self.result_timeout_s > 0, "result_timeout_s", self.result_timeout_s, "seconds > 0"
         )
         _require(self.max_in_flight >= 1, "max_in_flight", self.max_in_flight, "integer >= 1")
+        _require(
+            1 <= self.coalesce_max_jobs <= MAX_JOBS,
+            "coalesce_max_jobs",
+            self.coalesce_max_jobs,
+            f"an integer between 1 and {MAX_JOBS} (what a worker accepts in one message)",
+        )
+        _require(
+            self.coalesce_max_samples >= 1,
+            "coalesce_max_samples",
+            self.coalesce_max_samples,
+            "integer >= 1",
+        )
+        _require(
+            self.coalesce_max_bytes >= 1024,
+            "coalesce_max_bytes",
+            self.coalesce_max_bytes,
+            "bytes >= 1024",
+        )
         _require(
             self.max_queue_length is None or self.max_queue_length >= 1,
             "max_queue_length",

@@ -6,10 +6,12 @@ every result (producer/collector.py).
 
 One job, top to bottom: ``submit`` checks the input once (producer/wire.py, a
 ``JobInput``), admits the job (deadline, size, queue length, in-flight slots),
-watches for its result (collector), publishes it (publisher, with the input by
-reference when large: predictq/payloads.py) and tracks it for lost-job recovery
-(recovery); the ``Job`` (producer/job.py) then waits for what the collector
-delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``, and so
+watches for its result (collector), hands it to the coalescer
+(producer/coalescer.py: alone at once, or with the jobs of other threads that
+arrived during the previous publish), which publishes it (producer/sender.py,
+with the input by reference when large: predictq/payloads.py), and tracks it
+for lost-job recovery (recovery); the ``Job`` (producer/job.py) then waits for
+what the collector delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``, and so
 do asyncio ones (``asubmit``, ``apredict``: producer/aio.py), from a few
 threads of the client's own.
 """
@@ -22,17 +24,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
-from celery import Celery
-from celery.backends.redis import RedisBackend
-from kombu.exceptions import OperationalError
 
-from predictq import codec, payloads
-from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER, celery_config
+from predictq.celeryconf import PREDICT_TASK, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
     BrokerUnavailable,
@@ -46,42 +44,17 @@ from predictq.kombu_layout import queue_keys
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
-from producer.aio import SubmitPool
+from producer.aio import SubmitPool, wait_done
+from producer.app import ProducerApp
+from producer.coalescer import Coalescer, Ticket
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
+from producer.sender import Outgoing, Sender
 from producer.wire import JobInput
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-_CONNECTION_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError, OSError)
-
-
-class _ProducerBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis backend, minus its per-call pub/sub subscription.
-
-    ``send_task`` calls ``backend.on_task_call``, which subscribes Celery's own
-    result consumer to the task; that consumer is not shared between threads.
-    The ResultCollector subscribes instead, so this hook does nothing.
-    """
-
-    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
-        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
-
-    def on_task_call(self, producer: Any, task_id: str) -> None:
-        return None
-
-
-class _ProducerApp(Celery):  # type: ignore[misc]
-    """The producer's Celery app: its result backend is _ProducerBackend."""
-
-    # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
-    # `_get_backend`); passing `backend=` to the constructor would only set the
-    # `result_backend` setting, which the configuration then overrides.
-    backend_cls = _ProducerBackend
 
 
 class PredictionClient:
@@ -96,16 +69,19 @@ class PredictionClient:
         base = settings if settings is not None else Settings.from_env()
         self.settings = base.replace(**overrides) if overrides else base
         register_serializer()
-        self._app = _ProducerApp("predictq-producer", set_as_current=False)
+        self._app = ProducerApp("predictq-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
         self._broker = client_from_url(self.settings.broker_url)
         self._results = client_from_url(self.settings.result_backend)
         self._publisher = RedisPublisher(self._app, self._broker, self.settings.queue)
-        # A stored input must outlive the job's longest life: queued, then
-        # redelivered up to max_deliveries times after the visibility timeout.
-        self._payload_ttl_s = int(
-            self.settings.result_ttl_s
-            + self.settings.visibility_timeout_s * (self.settings.max_deliveries + 1)
+        self._sender = Sender(self._publisher, self.settings)
+        # Concurrent submits share messages (producer/coalescer.py); a carrier
+        # stays well under the size a worker accepts (PREDICTQ_MAX_PAYLOAD_BYTES).
+        self._coalescer: Coalescer[Outgoing] = Coalescer(
+            self._sender.publish,
+            max_jobs=self.settings.coalesce_max_jobs,
+            max_samples=self.settings.coalesce_max_samples,
+            max_bytes=min(self.settings.coalesce_max_bytes, self.settings.max_payload_bytes // 2),
         )
         # Results are decoded on the collector thread, with the backend's own
         # decoder (serializer checks and exception rebuilding included).
@@ -152,6 +128,25 @@ class PredictionClient:
         rows: slice | None,
         task: str = PREDICT_TASK,
     ) -> Job:
+        job, ticket = self._enqueue(
+            job_input, deadline_s=deadline_s, rows=rows, task=task, waiting=True
+        )
+        ticket.sent.result()  # the publish error, if any (its slot is free again)
+        return job
+
+    def _enqueue(
+        self,
+        job_input: JobInput,
+        *,
+        deadline_s: float | None,
+        rows: slice | None,
+        task: str,
+        waiting: bool,
+    ) -> tuple[Job, Ticket[Outgoing]]:
+        """Admit one job and hand it to the coalescer; ``ticket.sent`` tells when it is out.
+
+        ``waiting``: return only once it is published (else asyncio awaits ``sent``).
+        """
         if self._closed:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
@@ -165,16 +160,30 @@ class PredictionClient:
         job_id = f"{self._id_prefix}{uuid.uuid4()}"
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
-        try:
-            self._publish(job_id, job_input, expires, task)
-        except BaseException:
-            self._collector.forget(job_id)
+        give_up = time.monotonic() + self.settings.submit_timeout_s
+        outgoing = Outgoing(job_id, job_input, expires, task, give_up)
+        ticket = Ticket(
+            outgoing,
+            samples=job_input.rows,
+            nbytes=self._sender.wire_bytes(job_input),
+            on_sent=functools.partial(self._sent, outgoing, future),
+            waiting=waiting,
+        )
+        if task == PREDICT_TASK:
+            self._coalescer.submit(ticket)
+        else:
+            self._coalescer.send_alone(ticket)  # only predictions share a message
+        return self._job(job_id, future, rows), ticket
+
+    def _sent(self, job: Outgoing, future: Any, error: BaseException | None) -> None:
+        """The job's message is published (or failed to be): track it, or free its slot."""
+        if error is not None:
+            self._collector.forget(job.job_id)
             self._slots.release()
-            raise
-        self._unfinished[job_id] = (job_input, expires, task)
-        self._recovery.track(job_id)
-        future.add_done_callback(lambda _f: self._finished(job_id))
-        return self._job(job_id, future, rows)
+            return
+        self._unfinished[job.job_id] = (job.job_input, job.expires, job.task)
+        self._recovery.track(job.job_id)
+        future.add_done_callback(lambda _f: self._finished(job.job_id))
 
     def _check_size(self, job_input: JobInput) -> None:
         """Refuse a job that the workers would refuse, before it is sent."""
@@ -213,40 +222,8 @@ class PredictionClient:
     def _publish(
         self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
     ) -> None:
-        # Above inline_payload_bytes the input travels by reference (predictq/payloads.py).
-        payload = None
-        argument: object = job_input.value
-        if job_input.nbytes > self.settings.inline_payload_bytes:
-            argument = payloads.reference(job_id)
-            data = codec.dumps(job_input.value)
-            payload = (payloads.payload_key(job_id), data, self._payload_ttl_s)
-        raw = self._publisher.encode(
-            job_id,
-            task,
-            (argument,),
-            expires=expires,
-            headers={SENT_AT_HEADER: time.time()},
-            argsrepr=job_input.summary,
-        )
-        self._retrying(lambda: self._publisher.publish(raw, payload))
-
-    def _retrying(self, call: Callable[[], T]) -> T:
-        """``call()``, retried while Redis is unreachable, up to ``submit_timeout_s``."""
-        give_up = time.monotonic() + self.settings.submit_timeout_s
-        delay_s = 0.05
-        while True:
-            try:
-                return call()
-            except _CONNECTION_ERRORS as e:
-                remaining = give_up - time.monotonic()
-                if remaining <= 0:
-                    raise BrokerUnavailable(
-                        f"could not reach the broker {mask_url(self.settings.broker_url)} within "
-                        f"{self.settings.submit_timeout_s:g}s (PREDICTQ_SUBMIT_TIMEOUT_S): {e}"
-                    ) from e
-                log.warning("broker unavailable (%s); retrying for %.1fs more", e, remaining)
-                time.sleep(min(delay_s, remaining))
-                delay_s = min(delay_s * 2, 1.0)
+        """Publish one job in a message of its own, now."""
+        self._sender.publish_one(job_id, job_input, expires, task)
 
     def predict(
         self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
@@ -279,8 +256,29 @@ class PredictionClient:
         """
         if self._closed:
             raise PredictqError("the client is closed")
-        submit = functools.partial(self.submit, inputs, deadline_s=deadline_s)
-        return await self._submit_pool.run(submit, abandoned=Job.forget)
+        # On a submit thread: checks, an in-flight slot, then the coalescer, which
+        # returns at once (the job goes out with the next message) unless this
+        # thread has to publish.
+        enqueue = functools.partial(self._enqueue_async, inputs, deadline_s)
+        job, ticket = await self._submit_pool.run(enqueue, abandoned=_forget_enqueued)
+        try:
+            await wait_done(ticket.sent, None)
+        except asyncio.CancelledError:
+            job.forget()
+            raise
+        ticket.sent.result()  # the publish error, if any (its slot is free again)
+        return job
+
+    def _enqueue_async(
+        self, inputs: object, deadline_s: float | None
+    ) -> tuple[Job, Ticket[Outgoing]]:
+        return self._enqueue(
+            wire.normalize(inputs),
+            deadline_s=deadline_s,
+            rows=None,
+            task=PREDICT_TASK,
+            waiting=False,
+        )
 
     async def apredict(
         self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
@@ -329,7 +327,7 @@ class PredictionClient:
             if now - measured_at > 0.05:
                 # Retried like the publish itself: submit's promise is to retry
                 # an unreachable Redis until PREDICTQ_SUBMIT_TIMEOUT_S.
-                length = self._retrying(self._queue_length)
+                length = self._sender.retrying(self._queue_length)
             if length >= cap:
                 self._queue_estimate = (now, length)
                 raise QueueFull(
@@ -410,3 +408,7 @@ class PredictionClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _forget_enqueued(enqueued: tuple[Job, Ticket[Outgoing]]) -> None:
+    enqueued[0].forget()

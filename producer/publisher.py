@@ -16,6 +16,7 @@ tests/test_end_to_end.py runs every job through it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,17 +73,17 @@ class RedisPublisher:
             expiration_ms=expiration_ms,
         )
 
-    def publish(self, raw: bytes, payload: tuple[str, bytes, int] | None = None) -> None:
+    def publish(self, raw: bytes, payloads: Sequence[tuple[str, bytes, int]] = ()) -> None:
         """Push one encoded message onto the queue (raises redis errors).
 
-        ``payload`` (key, bytes, ttl_s) is stored in the same transaction, so the
-        message never exists without the input it refers to.
+        ``payloads`` (key, bytes, ttl_s each: the inputs its jobs refer to) are
+        stored in the same transaction, so the message never exists without them.
         """
-        if payload is None:
+        if not payloads:
             self._client.lpush(self._list_key, raw)
             return
-        key, data, ttl_s = payload
         pipe = self._client.pipeline(transaction=True)
-        pipe.set(key, data, ex=ttl_s)
+        for key, data, ttl_s in payloads:
+            pipe.set(key, data, ex=ttl_s)
         pipe.lpush(self._list_key, raw)
         pipe.execute()

@@ -13,6 +13,12 @@ producer still holds every unfinished job's input, so it can repair that:
 * a job found nowhere in two consecutive sweeps, and with no stored result, is
   published again under the same task id.
 
+Sweeps look for job ids, not messages: a job that travels in a coalesced
+message (predictq/carrier.py) is found by the ids the message lists in its
+``predictq_jobs`` header, and a lost one is published again in a message of
+its own (the client's ``republish``), so a job that finished in the meantime
+is never run for its neighbours' sake.
+
 Running a prediction twice is harmless (it is a pure function of its input, and
 the result key is the task id), so the rare false alarm costs one duplicate
 computation, never a wrong answer.

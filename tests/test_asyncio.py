@@ -181,23 +181,24 @@ def test_a_submit_cancelled_while_it_runs_forgets_the_job_it_sent(
 ) -> None:
     x = np.ones((1, F), np.float32)
     entered, go_on, sent = threading.Event(), threading.Event(), threading.Event()
-    submit = unread.submit
+    # What asubmit runs on a pool thread: checks, a slot, then the coalescer.
+    enqueue = unread._enqueue_async
 
-    def held_submit(*args: Any, **kwargs: Any) -> Any:
+    def held_enqueue(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         go_on.wait(10)
-        job = submit(*args, **kwargs)
+        enqueued = enqueue(*args, **kwargs)
         sent.set()
-        return job
+        return enqueued
 
     async def main() -> None:
-        unread.submit = held_submit  # type: ignore[method-assign]
+        unread._enqueue_async = held_enqueue  # type: ignore[method-assign]
         task = asyncio.create_task(unread.asubmit(x))
         await asyncio.to_thread(entered.wait, 10)  # the submit runs on a pool thread
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        unread.submit = submit  # type: ignore[method-assign]
+        unread._enqueue_async = enqueue  # type: ignore[method-assign]
         go_on.set()
         await asyncio.to_thread(sent.wait, 10)
         # The job went out, and nobody holds it: its slot is freed for the next one

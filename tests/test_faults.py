@@ -24,10 +24,11 @@ from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support import backends, models
 from tests.support.cluster import (
+    PoisonedWorker,
     assert_all_correct,
     client_on,
     inputs,
-    wait_dead_or_done,
+    victim_and_heir,
     worker_on,
 )
 from tests.support.layers import POISON
@@ -53,11 +54,7 @@ def wait_results(jobs: list[Job], count: int) -> None:
 def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
     aof_redis: RedisServer, mlp_path: str
 ) -> None:
-    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "4"}
-    first = worker_on(aof_redis, mlp_path, concurrency=8, name="victim", env=env).start()
-    replacement = worker_on(aof_redis, mlp_path, concurrency=8, name="heir", env=env)
-    try:
-        first.wait_ready()
+    with victim_and_heir(aof_redis, mlp_path, visibility_timeout_s=4) as (first, replacement):
         x = inputs(1500)
         with client_on(aof_redis, visibility_timeout_s=4) as client:
             jobs = [client.submit(x[i]) for i in range(len(x))]
@@ -71,9 +68,6 @@ def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
             assert aof_redis.client().hlen("unacked") > 0
             replacement.start().wait_ready()
             assert_all_correct(jobs, x, mlp_path)
-    finally:
-        first.stop()
-        replacement.stop()
 
 
 @pytest.mark.slow
@@ -157,7 +151,7 @@ def test_a_submit_made_during_a_redis_outage_waits_it_out_and_its_job_completes(
     env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": "5"}
     worker = worker_on(aof_redis, mlp_path, concurrency=4, name="patient", env=env).start()
     retrying = _LogSeen("broker unavailable")
-    producer_log = logging.getLogger("producer.client")
+    producer_log = logging.getLogger("producer.sender")
     producer_log.addHandler(retrying)
     try:
         worker.wait_ready()
@@ -207,33 +201,19 @@ def test_a_poison_job_runs_at_most_max_deliveries_times_then_fails_and_others_co
     aof_redis: RedisServer, tmp_path: Path
 ) -> None:
     path = models.build_poison_model(str(tmp_path / "poison.keras"))
-    env = {
-        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
-        "PREDICTQ_MAX_DELIVERIES": "2",
-        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
-    }
-    worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
-    deaths = 0
-    try:
-        worker.wait_ready()
+    with (
+        PoisonedWorker(aof_redis, path) as poisoned,
+        client_on(aof_redis, visibility_timeout_s=2) as client,
+    ):
         x = inputs(20, seed=3)
         poison = np.full((1, F), POISON, np.float32)
-        with client_on(aof_redis, visibility_timeout_s=2) as client:
-            innocent = [client.submit(x[i]) for i in range(10)]
-            bad = client.submit(poison)
-            innocent += [client.submit(x[i]) for i in range(10, 20)]
-            while wait_dead_or_done(worker, bad) == "dead":
-                assert worker.process is not None and worker.process.returncode == 17
-                deaths += 1
-                assert deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
-                worker = worker_on(aof_redis, path, concurrency=8, name="poisoned", env=env).start()
-                worker.wait_ready()
-            with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
-                bad.get(timeout=10)
-            assert deaths == 2
-            assert_all_correct(innocent, x, path)
-    finally:
-        worker.stop()
+        innocent = [client.submit(x[i]) for i in range(10)]
+        bad = client.submit(poison)
+        innocent += [client.submit(x[i]) for i in range(10, 20)]
+        assert poisoned.until_done(bad) == 2
+        with pytest.raises(PoisonJob, match=r"ran 2 time\(s\) and its worker process died"):
+            bad.get(timeout=10)
+        assert_all_correct(innocent, x, path)
 
 
 @pytest.mark.parametrize("backend", backends.ALL)

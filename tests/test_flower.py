@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,10 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from predictq.celeryconf import PREDICT_JOBS_TASK
 from predictq_ops.redis_server import RedisServer, free_port
-from producer import PredictionClient
+from producer import PredictionClient, wire
+from producer.sender import Outgoing
 from tests.support import models
 from tests.support.ops import clean_env, http_get
 from tests.support.processes import ROOT, WorkerProcess, wait_for
@@ -149,6 +152,33 @@ def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: Predic
 
     seen = wait_for(all_succeeded, 60, "Flower to show the jobs as SUCCESS", flower.log)
     assert {t["name"] for t in seen.values()} == {"predictq.predict"}
+
+
+def test_flower_shows_a_coalesced_message_with_its_job_count_and_outcome(
+    flower: Flower, client: PredictionClient
+) -> None:
+    wait_until_flower_hears_the_worker(flower)
+    x = wire.normalize(np.full((1, F), 0.25, np.float32))
+    ids = [f"flower-carried-{uuid.uuid4()}" for _ in range(3)]
+    jobs = [client.job(i) for i in ids]
+    client._sender.publish([Outgoing(i, x, None) for i in ids])  # one message, three jobs
+    for job in jobs:
+        assert job.get(timeout=60).shape == (1, 4)
+
+    def carrier_succeeded() -> dict[str, Any] | None:
+        tasks: dict[str, Any] = flower.get("/api/tasks")
+        shown = "3 jobs: [3 x array of dtype float32 and shape (1, 16)]"
+        return next(
+            (
+                t
+                for t in tasks.values()
+                if t["name"] == PREDICT_JOBS_TASK and t["state"] == "SUCCESS" and shown in t["args"]
+            ),
+            None,
+        )
+
+    task = wait_for(carrier_succeeded, 60, "Flower to show the coalesced message", flower.log)
+    assert "'jobs': 3" in task["result"] and "'succeeded': 3" in task["result"]
 
 
 def test_flower_serves_prometheus_metrics_which_its_version_leaves_open(

@@ -21,9 +21,11 @@ from kombu.transport.redis import Channel
 from kombu.utils.json import dumps as kombu_dumps
 
 from predictq import kombu_layout
-from predictq.celeryconf import PREDICT_TASK, SENT_AT_HEADER
+from predictq.carrier import JOBS_HEADER, entry
+from predictq.celeryconf import PREDICT_JOBS_TASK, PREDICT_TASK, SENT_AT_HEADER
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient, wire
+from producer.sender import Outgoing
 from producer.wire import JobInput
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -139,6 +141,35 @@ def test_reader_finds_ids_kombu_wrote_in_every_priority_list_and_the_unacked_has
     assert sorted(in_lists) == sorted(set(queued) - reserved_ids)
     assert set(in_hash) == reserved_ids
     assert list(reader.ids("no-such-key")) == [[]]
+
+
+def test_reader_finds_the_jobs_inside_coalesced_messages_queued_and_reserved(
+    client: PredictionClient, server: RedisServer, channel: Any, queue: str
+) -> None:
+    # Lost-job recovery looks for jobs by id: inside a carrier, they must be found.
+    x = wire.normalize(np.zeros((1, 1024), dtype=np.float32))
+    ours = [[f"ours-{m}-{j}" for j in range(5)] for m in range(3)]
+    for ids in ours:
+        client._sender.publish([Outgoing(i, x, None) for i in ids])
+    # The same through Celery's send_task (what another Python producer writes).
+    theirs = [f"theirs-{j}" for j in range(4)]
+    client._app.send_task(
+        PREDICT_JOBS_TASK,
+        args=([entry(i, x.value, None) for i in theirs],),
+        task_id="carrier-theirs",
+        queue=queue,
+        headers={JOBS_HEADER: theirs},
+    )
+    reserved = channel.basic_get(queue, no_ack=False)  # the oldest: ours[0]
+    assert reserved.headers[JOBS_HEADER] == ours[0]
+    with server.client() as r:
+        reader = kombu_layout.TaskIdReader(r, chunk_bytes=20_000)
+        in_list = {i for c in reader.ids(queue) for i in c}
+        in_hash = {i for c in reader.ids(kombu_layout.UNACKED_KEY) for i in c}
+    assert set(ours[1] + ours[2] + theirs) <= in_list
+    assert set(ours[0]) <= in_hash
+    assert not set(ours[0]) & in_list
+    reserved.ack()
 
 
 class _MovingQueue(redis.Redis):

@@ -23,7 +23,8 @@ import pytest
 import redis
 
 from predictq import codec
-from predictq.celeryconf import PREDICT_TASK
+from predictq.carrier import JOBS_HEADER
+from predictq.celeryconf import PREDICT_JOBS_TASK, PREDICT_TASK
 from predictq.deadletters import DEAD_LETTER_KEY, DeadLetter
 from predictq.errors import (
     DeadlineExceeded,
@@ -150,6 +151,14 @@ def _json_job(task_id: str, value: Any, **header_changes: Any) -> bytes:
     )
 
 
+def carrier(task_id: str, entries: Any, **header_changes: Any) -> bytes:
+    """A coalesced message (predictq/carrier.py) holding ``entries``, as msgpack."""
+    listed = entries if isinstance(entries, list) else []
+    ids = [e["id"] for e in listed if isinstance(e, dict) and isinstance(e.get("id"), str)]
+    changes = {"task": PREDICT_JOBS_TASK, JOBS_HEADER: ids, **header_changes}
+    return changed(task_id, mp_body(args=[entries]), header_changes=changes)
+
+
 def _headers_list(env: dict[str, Any]) -> None:
     env["headers"] = [["task", PREDICT_TASK]]
 
@@ -159,7 +168,8 @@ CASES: dict[str, Case] = {
     "task header a list": Case(
         lambda t: changed(t, header_changes={"task": [PREDICT_TASK]}),
         InvalidMessage,
-        "expected task predictq.noop or predictq.predict, received \\['predictq.predict'\\]",
+        "expected task predictq.noop or predictq.predict or predictq.predict_jobs, received "
+        "\\['predictq.predict'\\]",
         "unknown_task",
     ),
     "id a dict": Case(
@@ -404,6 +414,31 @@ CASES: dict[str, Case] = {
         "content_type",
     ),
     "not utf-8 at all": Case(lambda t: b"\xff\xfe\x00garbage", None, "", "envelope"),
+    # --- coalesced messages: what would fail every job is refused ------------------
+    "carrier argument not a list": Case(
+        lambda t: changed(t, mp_body(args=[42]), header_changes={"task": PREDICT_JOBS_TASK}),
+        InvalidMessage,
+        "predictq.predict_jobs expects exactly one argument, a list of job entries",
+        "body",
+    ),
+    "carrier of no job": Case(
+        lambda t: carrier(t, []),
+        InvalidMessage,
+        "between 1 and 4096 job entries, received 0",
+        "body",
+    ),
+    "carrier entry not a map": Case(
+        lambda t: carrier(t, [{"id": t + "-a", "inputs": X}, [1, 2]]),
+        InvalidMessage,
+        "every job entry as a map, received list",
+        "body",
+    ),
+    "carrier job ids header a string": Case(
+        lambda t: carrier(t, [{"id": t + "-a", "inputs": X}], **{JOBS_HEADER: "a,b"}),
+        InvalidMessage,
+        "expected header 'predictq_jobs' as a list of job id strings",
+        "headers",
+    ),
 }
 
 
@@ -663,3 +698,81 @@ def test_health_turns_unhealthy_while_the_broker_is_gone_and_back_when_it_return
         finally:
             results.close()
             w.stop()
+
+
+def test_a_crafted_coalesced_message_fails_its_bad_jobs_alone_and_runs_the_others(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    t = str(uuid.uuid4())
+    expired = (datetime.now(UTC) - timedelta(seconds=5)).isoformat()
+    entries: list[Any] = [
+        {"id": f"{t}-good", "inputs": X},
+        {"id": f"{t}-unknown-key", "inputs": X, "priority": 3},
+        {"id": 17, "inputs": X},  # no id to answer: it is skipped
+        {"id": f"{t}-bad-expires", "inputs": X, "expires": "tomorrow"},
+        {"id": f"{t}-expired", "inputs": X, "expires": expired},
+        {"id": f"{t}-other-payload", "inputs": {"__payload__": "predictq:payload:someone"}},
+        {"id": f"{t}-narrow", "inputs": X[:, :3]},
+        {"id": f"{t}-no-inputs"},
+        {"id": f"{t}-good-2", "inputs": X[:1]},
+    ]
+    push(server, carrier(t, entries))
+    expected = models.reference(mlp_path, X)
+    assert np.allclose(client.job(f"{t}-good").get(timeout=15), expected, atol=1e-5)
+    assert np.allclose(client.job(f"{t}-good-2").get(timeout=15), expected[:1], atol=1e-5)
+    failures = {
+        "unknown-key": (InvalidInput, r"received unknown \['priority'\]"),
+        "bad-expires": (InvalidInput, "expected 'expires' as an ISO 8601 time"),
+        "expired": (DeadlineExceeded, "deadline passed"),
+        "other-payload": (InvalidInput, "this job's own key"),
+        "narrow": (InvalidInput, r"expected shape \[N, 16\], received \[2, 3\]"),
+        "no-inputs": (InvalidInput, r"missing \['inputs'\]"),
+    }
+    for suffix, (error, match) in failures.items():
+        with pytest.raises(error, match=match):
+            client.job(f"{t}-{suffix}").get(timeout=15)
+    valid_id = assert_serves(client, mlp_path, worker, worker.pid)
+    assert unacked(server, besides=valid_id) == []
+
+
+def test_a_refused_coalesced_message_answers_every_job_it_lists(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    t = str(uuid.uuid4())
+    ids = [f"{t}-{i}" for i in range(3)]
+    entries = [{"id": i, "inputs": X} for i in ids]
+    push(server, carrier(t, entries, eta="2030-01-01T00:00:00+00:00"))
+    for job_id in [t, *ids]:
+        with pytest.raises(InvalidMessage, match="expected no 'eta'"):
+            client.job(job_id).get(timeout=15)
+    assert_serves(client, mlp_path, worker, worker.pid)
+
+
+def test_a_json_coalesced_message_from_another_language_gets_json_results(
+    server: RedisServer, worker: WorkerProcess, client: PredictionClient, mlp_path: str
+) -> None:
+    t = str(uuid.uuid4())
+    entries = [
+        {"id": f"{t}-lists", "inputs": X.tolist()},
+        {"id": f"{t}-bad", "inputs": [[1.0, 2.0]]},
+    ]
+    raw = changed(
+        t,
+        js([[entries], {}, EMBED]),
+        content_type="application/json",
+        encoding="utf-8",
+        header_changes={"task": PREDICT_JOBS_TASK, JOBS_HEADER: [e["id"] for e in entries]},
+    )
+    push(server, raw)
+    out = client.job(f"{t}-lists").get(timeout=15)
+    assert np.allclose(np.asarray(out), models.reference(mlp_path, X), atol=1e-5)
+    with pytest.raises(InvalidInput, match=r"received \[1, 2\]"):
+        client.job(f"{t}-bad").get(timeout=15)
+    r = redis.Redis.from_url(server.url(1))
+    try:
+        record = json.loads(r.get(f"celery-task-meta-{t}-lists") or b"")
+        summary = json.loads(r.get(f"celery-task-meta-{t}") or b"")
+    finally:
+        r.close()
+    assert record["status"] == "SUCCESS" and isinstance(record["result"], list)
+    assert summary["result"] == {"jobs": 2, "succeeded": 1, "failed": 1}

@@ -69,6 +69,14 @@ def test_values_are_parsed_from_predictq_variables() -> None:
             "PREDICTQ_METRICS_ADDRESS must be an IP address or host name .*, got '0.0.0.0:9808'",
         ),
         ({"PREDICTQ_FLOWER_ADDRESS": "http://h"}, "PREDICTQ_FLOWER_ADDRESS must be an IP address"),
+        (
+            {"PREDICTQ_COALESCE_MAX_JOBS": "5000"},
+            "PREDICTQ_COALESCE_MAX_JOBS must be an integer between 1 and 4096 .*, got 5000",
+        ),
+        (
+            {"PREDICTQ_COALESCE_MAX_BYTES": "100"},
+            "PREDICTQ_COALESCE_MAX_BYTES must be bytes >= 1024, got 100",
+        ),
     ],
 )
 def test_bad_values_raise_config_error_naming_variable_and_value(

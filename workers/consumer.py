@@ -26,14 +26,14 @@ import redis
 from celery.worker.consumer import Consumer
 from kombu.utils.json import dumps as kombu_dumps
 
-from predictq.celeryconf import NOOP_TASK, PREDICT_TASK
+from predictq.celeryconf import NOOP_TASK, PREDICT_JOBS_TASK, PREDICT_TASK
 from predictq.deadletters import DeadLetters
 from predictq.errors import InvalidMessage
 from predictq.readiness import ConsumingBeacon
 from predictq.redis_client import client_from_url
 from workers import metrics
 from workers.app import worker_settings
-from workers.guard import Policy, Refusal, check, usable_task_id
+from workers.guard import Policy, Refusal, carried_job_ids, check, usable_task_id
 from workers.results import JSON_RESULT, refusal_request, wants_json
 from workers.transport import REFUSAL_PROPERTY, raw_envelope
 
@@ -50,7 +50,7 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         settings = worker_settings()
         self._policy = Policy(
-            tasks=frozenset({PREDICT_TASK, NOOP_TASK}),
+            tasks=frozenset({PREDICT_TASK, PREDICT_JOBS_TASK, NOOP_TASK}),
             max_payload_bytes=settings.max_payload_bytes,
             max_json_bytes=settings.max_json_bytes,
         )
@@ -150,7 +150,11 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
         metrics.REFUSED_MESSAGES.labels(reason=refusal.reason).inc()
         log.warning("refused a message (%s): %s", refusal.reason, refusal.error)
         if refusal.task_id is not None:
-            self._answer(refusal, message.content_type)
+            self._answer(refusal.task_id, refusal.error, message.content_type)
+        # The callers of a refused coalesced message wait on its jobs' ids.
+        for job_id in carried_job_ids(message.headers):
+            if job_id != refusal.task_id:
+                self._answer(job_id, refusal.error, message.content_type)
         if refusal.dead_letter:
             try:
                 self._dead_letter(message, refusal)
@@ -162,20 +166,17 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
                 return
         message.ack_log_error(log, self.connection_errors)
 
-    def _answer(self, refusal: Refusal, content_type: object) -> None:
-        error = refusal.error
+    def _answer(self, task_id: str, error: Exception, content_type: object) -> None:
         metrics.JOBS.labels(outcome="failure", error_type=type(error).__name__).inc()
         try:
-            self.app.backend.mark_as_failure(
-                refusal.task_id, error, request=refusal_request(content_type)
-            )
+            self.app.backend.mark_as_failure(task_id, error, request=refusal_request(content_type))
         except Exception:
-            log.exception("could not store the failure of refused message %s", refusal.task_id)
+            log.exception("could not store the failure of refused message %s", task_id)
             return
         if self.event_dispatcher is not None:
             self.event_dispatcher.send(
                 "task-failed",
-                uuid=refusal.task_id,
+                uuid=task_id,
                 exception=f"{type(error).__name__}({error})",
             )
 

@@ -26,6 +26,8 @@ from typing import Any, Final
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 from kombu.exceptions import DecodeError
 
+from predictq.carrier import JOBS_HEADER, MAX_JOBS
+from predictq.celeryconf import PREDICT_JOBS_TASK
 from predictq.codec import CONTENT_TYPE, JSON_CONTENT_TYPE, describe
 from predictq.errors import (
     DeadlineExceeded,
@@ -125,6 +127,7 @@ _HEADERS: Final[Mapping[str, tuple[Callable[[object], bool], str]]] = {
     "stamped_headers": (_str_list, "a list of strings or null"),
     "stamps": (_optional(dict), "an object or null"),
     "expires": (_optional(str), "an ISO 8601 time or null"),
+    JOBS_HEADER: (_str_list, "a list of job id strings or null"),
 }
 
 
@@ -134,6 +137,16 @@ def usable_task_id(headers: object) -> str | None:
     if isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS and task_id.isprintable():
         return task_id
     return None
+
+
+def carried_job_ids(headers: object) -> list[str]:
+    """The usable job ids a coalesced message says it carries (its ``predictq_jobs`` header)."""
+    if not isinstance(headers, dict) or headers.get("task") != PREDICT_JOBS_TASK:
+        return []
+    ids = headers.get(JOBS_HEADER)
+    if not isinstance(ids, list):
+        return []
+    return [i for i in ids[:MAX_JOBS] if usable_task_id({"id": i}) is not None]
 
 
 def check(message: Any, policy: Policy) -> None:
@@ -165,6 +178,8 @@ def check(message: Any, policy: Policy) -> None:
     _check_content(message, policy, task_id)
     body = _decode(message, task_id)
     _check_body(body, task_id)
+    if headers.get("task") == PREDICT_JOBS_TASK:
+        _check_carrier(body, task_id)
 
 
 def _refuse_quarantined(refused: object) -> None:
@@ -358,3 +373,27 @@ def _is_signature(value: object) -> bool:
         and isinstance(value.get("kwargs", {}), dict)
         and isinstance(value.get("options", {}), dict)
     )
+
+
+def _check_carrier(body: Any, task_id: str) -> None:
+    """A coalesced message's argument: one non-empty list of maps (predictq/carrier.py).
+
+    Each map's keys and values are checked per job by the task, so that one
+    bad entry fails alone; what is checked here would fail every job.
+    """
+    args, kwargs, _embed = body
+    entries = args[0] if len(args) == 1 else None
+    problem = None
+    if kwargs or not isinstance(entries, list | tuple):
+        problem = "exactly one argument, a list of job entries"
+    elif not 1 <= len(entries) <= MAX_JOBS:
+        problem = f"between 1 and {MAX_JOBS} job entries, received {len(entries)}"
+    elif not all(isinstance(e, dict) for e in entries):
+        kinds = sorted({describe(e) for e in entries if not isinstance(e, dict)})
+        problem = f"every job entry as a map, received {', '.join(kinds)[:80]}"
+    if problem is not None:
+        raise Refusal(
+            "body",
+            InvalidMessage(f"message refused: {PREDICT_JOBS_TASK} expects {problem}"),
+            task_id=task_id,
+        )

@@ -49,6 +49,11 @@ REFUSED_MESSAGES: Final = Counter(
 DEAD_LETTERS: Final = Counter(
     "predictq_dead_letters", "Refused messages pushed to the dead-letter list."
 )
+MESSAGE_JOBS: Final = Histogram(
+    "predictq_message_jobs",
+    "Jobs carried per broker message: 1 for predictq.predict, n for a coalesced message.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
 BATCH_SAMPLES: Final = Histogram(
     "predictq_batch_size_samples", "Samples per device call.", buckets=_BATCH_BUCKETS
 )

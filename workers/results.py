@@ -25,10 +25,12 @@ traceback (its file paths and code) stays in the worker's log unless
 from __future__ import annotations
 
 import base64
+import traceback as tb
 from contextvars import ContextVar
 from typing import Any, Final
 
 import numpy as np
+from celery import states
 from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 from kombu.utils import json as kombu_json
@@ -55,6 +57,23 @@ def wants_json(content_type: object) -> bool:
 def refusal_request(content_type: object) -> Context:
     """The request to store a refused message's failure with (it never became a task)."""
     return Context({JSON_RESULT: wants_json(content_type)})
+
+
+def store_job_outcome(backend: Any, job_id: str, outcome: object, *, json_result: bool) -> None:
+    """Store one job of a coalesced message under its own id, as a single job's task would.
+
+    ``outcome``: the job's (already JSON-ready, for a JSON job) outputs, or its
+    exception. The record is what Celery writes for a ``predictq.predict`` task
+    (the same backend, state and encoding), so every reader of single-job
+    results reads it unchanged. The request is built here: the one place to add
+    result fields a job carries.
+    """
+    request = Context({JSON_RESULT: json_result, "id": job_id})
+    if isinstance(outcome, BaseException):
+        trace = "".join(tb.format_exception(outcome))
+        backend.store_result(job_id, outcome, states.FAILURE, traceback=trace, request=request)
+    else:
+        backend.store_result(job_id, outcome, states.SUCCESS, request=request)
 
 
 def sent_ndarray_maps(raw: object) -> bool:

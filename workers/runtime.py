@@ -11,8 +11,11 @@ serving and takes it down when it stops.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import redis
@@ -71,6 +74,50 @@ class Runtime:
                 future = self.batcher.submit(arrays, deadline=job.deadline)
             outputs = future.result()
         return self.model.spec.structure_outputs(outputs)
+
+    def predict_each(
+        self, jobs: Sequence[tuple[object, JobContext]]
+    ) -> Iterator[object | PredictqError]:
+        """Each job's outputs, or its own final error, in order, as each is ready.
+
+        The jobs of one message (workers/carriers.py). First deliveries are
+        validated and submitted together, so they share device calls. Once
+        redelivered, the message may hold a job that kills its worker, so each
+        job runs as a suspect, one at a time, counted under its own id: the
+        poison one reaches ``max_deliveries`` and fails alone. Retryable errors
+        (``Requeue``, ``ModelNotReady``) are raised: the whole message goes back.
+        """
+        if any(job.redelivered for _, job in jobs):
+            for raw, job in jobs:
+                yield self._outcome(functools.partial(self._suspect_outputs, raw, job))
+            return
+        pending: list[Future[list[Array]] | PredictqError] = []
+        with self.batcher.announce():
+            for raw, job in jobs:
+                try:
+                    arrays = self._validated(raw, job.task_id)
+                except PredictqError as e:
+                    if e.retryable:
+                        raise
+                    pending.append(e)
+                    continue
+                pending.append(self.batcher.submit(arrays, deadline=job.deadline))
+        for item in pending:
+            if isinstance(item, PredictqError):
+                yield item
+            else:
+                yield self._outcome(item.result)
+
+    def _suspect_outputs(self, raw: object, job: JobContext) -> list[Array]:
+        return self._run_suspect(self._validated(raw, job.task_id), job)
+
+    def _outcome(self, run: Callable[[], list[Array]]) -> object | PredictqError:
+        try:
+            return self.model.spec.structure_outputs(run())
+        except PredictqError as e:
+            if e.retryable:
+                raise
+            return e
 
     def _validated(self, raw: object, task_id: str) -> list[Array]:
         return validate(

@@ -5,8 +5,10 @@ Shared by the fault and lifecycle tests, which each start their own Redis.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Final
 
 import numpy as np
 
@@ -60,3 +62,62 @@ def wait_dead_or_done(worker: WorkerProcess, job: Job, timeout_s: float = 120) -
         except PredictqError:
             return "done"
     raise AssertionError("neither the worker died nor the job finished")
+
+
+class PoisonedWorker:
+    """A worker serving a poison model (tests/support/models.py), restarted each time it dies.
+
+    Redelivery after 2 s, a job given up after 2 deaths (``PREDICTQ_MAX_DELIVERIES``).
+    """
+
+    ENV: Final = {
+        "PREDICTQ_VISIBILITY_TIMEOUT_S": "2",
+        "PREDICTQ_MAX_DELIVERIES": "2",
+        "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+    }
+
+    def __init__(self, server: RedisServer, model_path: str) -> None:
+        self._server = server
+        self._path = model_path
+        self.deaths = 0
+        self.worker = self._started()
+
+    def _started(self) -> WorkerProcess:
+        worker = worker_on(self._server, self._path, concurrency=8, name="poisoned", env=self.ENV)
+        try:
+            worker.start().wait_ready()
+        except BaseException:
+            worker.stop()
+            raise
+        return worker
+
+    def until_done(self, job: Job) -> int:
+        """Restart the worker each time it dies until ``job`` has its outcome; the deaths."""
+        while wait_dead_or_done(self.worker, job) == "dead":
+            assert self.worker.process is not None and self.worker.process.returncode == 17
+            self.deaths += 1
+            assert self.deaths <= 2, "the poison job ran more than PREDICTQ_MAX_DELIVERIES times"
+            self.worker = self._started()
+        return self.deaths
+
+    def __enter__(self) -> PoisonedWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.stop()
+
+
+@contextlib.contextmanager
+def victim_and_heir(
+    server: RedisServer, model_path: str, *, visibility_timeout_s: int
+) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
+    """A ready worker to kill, and one (not started) to take over after; both stopped at the end."""
+    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+    victim = worker_on(server, model_path, concurrency=8, name="victim", env=env).start()
+    heir = worker_on(server, model_path, concurrency=8, name="heir", env=env)
+    try:
+        victim.wait_ready()
+        yield victim, heir
+    finally:
+        victim.stop()
+        heir.stop()

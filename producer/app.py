@@ -1,0 +1,37 @@
+"""The producer's Celery app: Celery's message building and result decoding, no result consumer.
+
+The client publishes with its own publisher (producer/publisher.py) and
+collects results with its own collector (producer/collector.py); from Celery it
+needs the protocol-2 message builder and the result backend's decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.backends.redis import RedisBackend
+
+
+class ProducerBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis backend, minus its per-call pub/sub subscription.
+
+    ``send_task`` calls ``backend.on_task_call``, which subscribes Celery's own
+    result consumer to the task; that consumer is not shared between threads.
+    The ResultCollector subscribes instead, so this hook does nothing.
+    """
+
+    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+class ProducerApp(Celery):  # type: ignore[misc]
+    """The producer's Celery app: its result backend is ProducerBackend."""
+
+    # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
+    # `_get_backend`); passing `backend=` to the constructor would only set the
+    # `result_backend` setting, which the configuration then overrides.
+    backend_cls = ProducerBackend
