@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.exceptions import OperationalError
 
 from predictq import codec, payloads
@@ -43,7 +43,8 @@ from predictq.errors import (
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
-from predictq.redis_client import client_from_url
+from predictq.redis_client import client_for
+from predictq.sentinel import is_sentinel_url
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
 from producer.aio import SubmitPool
@@ -75,13 +76,30 @@ class _ProducerBackend(RedisBackend):  # type: ignore[misc]
         return None
 
 
+class _ProducerSentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """_ProducerBackend for a sentinel:// result backend."""
+
+    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+def _producer_backend(app: Celery, url: str | None = None, **kwargs: Any) -> RedisBackend:
+    url = url or app.conf.result_backend
+    cls = _ProducerSentinelBackend if is_sentinel_url(url) else _ProducerBackend
+    return cls(app, url, **kwargs)
+
+
 class _ProducerApp(Celery):  # type: ignore[misc]
-    """The producer's Celery app: its result backend is _ProducerBackend."""
+    """The producer's Celery app: its result backend is _ProducerBackend (or the Sentinel one)."""
 
     # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
-    # `_get_backend`); passing `backend=` to the constructor would only set the
-    # `result_backend` setting, which the configuration then overrides.
-    backend_cls = _ProducerBackend
+    # `_get_backend`), whatever the URL's scheme; passing `backend=` to the
+    # constructor would only set the `result_backend` setting, which the
+    # configuration then overrides. A factory: the class depends on the URL.
+    backend_cls = staticmethod(_producer_backend)
 
 
 class PredictionClient:
@@ -98,8 +116,8 @@ class PredictionClient:
         register_serializer()
         self._app = _ProducerApp("predictq-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
-        self._broker = client_from_url(self.settings.broker_url)
-        self._results = client_from_url(self.settings.result_backend)
+        self._broker = client_for(self.settings, self.settings.broker_url)
+        self._results = client_for(self.settings, self.settings.result_backend)
         self._publisher = RedisPublisher(self._app, self._broker, self.settings.queue)
         # A stored input must outlive the job's longest life: queued, then
         # redelivered up to max_deliveries times after the visibility timeout.

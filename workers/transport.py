@@ -271,4 +271,34 @@ class Transport(kombu_redis.Transport):
     Channel = GuardedChannel
 
 
-__all__ = ["REFUSAL_PROPERTY", "GuardedChannel", "Transport", "envelope_problem", "raw_envelope"]
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with the same check of every popped item.
+
+    The method resolution order puts ``GuardedChannel`` (``_brpop_read``,
+    ``Message``) before ``SentinelChannel`` (the pool that asks the sentinels
+    for the master); both read their own transport options.
+    """
+
+    from_transport_options = tuple(  # type: ignore[assignment]
+        dict.fromkeys(
+            GuardedChannel.from_transport_options
+            + kombu_redis.SentinelChannel.from_transport_options
+        )
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with ``GuardedSentinelChannel`` (sentinel:// in workers)."""
+
+    Channel = GuardedSentinelChannel
+
+
+__all__ = [
+    "REFUSAL_PROPERTY",
+    "GuardedChannel",
+    "GuardedSentinelChannel",
+    "SentinelTransport",
+    "Transport",
+    "envelope_problem",
+    "raw_envelope",
+]
