@@ -354,7 +354,8 @@ class Settings:
     def _validate_urls(self) -> None:
         for url_field in ("broker_url", "result_backend"):
             url = getattr(self, url_field)
-            if sentinel.is_sentinel_url(url):
+            # A sentinel:// entry anywhere makes it a Sentinel URL: mixing is an error.
+            if sentinel.is_sentinel_url(url) or "sentinel://" in url.lower():
                 sentinel.parse(url, name=_env(url_field))  # one line on what is wrong
                 _require(
                     bool(self.sentinel_master),
