@@ -9,22 +9,25 @@ completes with the in-process model's output for its own input.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from predictq.deadletters import DeadLetters
 from predictq.kombu_layout import list_key
 from predictq.redis_client import client_from_url
-from predictq_ops.redis_server import RedisServer
+from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from tests.support.cluster import assert_all_correct, inputs
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
 from tests.support.sentinel import MASTER_NAME, SentinelCluster
+from tests.test_flower import FLOWER_PASSWORD, FLOWER_USER, Flower, stop_process
 
 QUEUE = "ha"
 #: Short, so jobs lost in the replication gap come back within seconds.
@@ -61,6 +64,31 @@ def ha_worker(cluster: SentinelCluster, mlp_path: str) -> Iterator[WorkerProcess
         yield worker
     finally:
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def ha_flower(
+    cluster: SentinelCluster, ha_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Flower]:
+    """`predictq flower` through the sentinels, started before any failover."""
+    env = flower_env_for(cluster)
+    log_path = tmp_path_factory.mktemp("flower-ha") / "flower.log"
+    flower = Flower([sys.executable, "-m", "predictq_ops.cli", "flower"], env, log_path)
+    try:
+        flower.wait_answering()
+        yield flower
+    finally:
+        stop_process(flower.process)
+
+
+def flower_env_for(cluster: SentinelCluster) -> dict[str, str]:
+    return clean_env(
+        PREDICTQ_BROKER_URL=cluster.url(0),
+        PREDICTQ_RESULT_BACKEND=cluster.url(1),
+        PREDICTQ_SENTINEL_MASTER=MASTER_NAME,
+        PREDICTQ_FLOWER_PORT=str(free_port()),
+        PREDICTQ_FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}",
+    )
 
 
 def ha_client(cluster: SentinelCluster) -> PredictionClient:
@@ -107,6 +135,13 @@ def run_through(
             submitting.result(timeout=120)  # every submit returned (retried through the failover)
         assert len(jobs) == JOBS
         assert_all_correct(jobs, x, mlp_path)  # 0 lost, 0 wrong
+        # The result collector subscribed again, on the new master.
+        with cluster.master().client() as master:
+            wait_for(
+                lambda: any(int(c["psub"]) > 0 for c in master.client_list(_type="pubsub")),
+                30,
+                "the result collector's pattern subscription on the new master",
+            )
         stats = {
             "failover_s": failover_s,
             "unfinished_at_failure": unfinished,
@@ -119,7 +154,7 @@ def run_through(
 
 
 def test_master_sigkill_mid_run_every_submitted_job_completes_once_correctly(
-    cluster: SentinelCluster, ha_worker: WorkerProcess, mlp_path: str
+    cluster: SentinelCluster, ha_worker: WorkerProcess, ha_flower: Flower, mlp_path: str
 ) -> None:
     killed: list[RedisServer] = []
 
@@ -145,6 +180,33 @@ def test_planned_failover_mid_run_every_submitted_job_completes_once_correctly(
 
     run_through(cluster, mlp_path, planned_failover, seed=12)
     assert ha_worker.process is not None and ha_worker.process.poll() is None
+
+
+def test_flower_started_before_both_failovers_still_sees_jobs_and_the_queue(
+    cluster: SentinelCluster, ha_worker: WorkerProcess, ha_flower: Flower
+) -> None:
+    with ha_client(cluster) as client:
+        jobs = [client.submit(x) for x in inputs(3, seed=13)]
+        ids = {job.id for job in jobs}
+        for job in jobs:
+            job.get(timeout=60)
+
+    def all_succeeded() -> bool:
+        tasks: dict[str, Any] = ha_flower.get("/api/tasks")
+        return all(i in tasks and tasks[i]["state"] == "SUCCESS" for i in ids)
+
+    # Task events travel through the broker: Flower's event receiver reconnected.
+    wait_for(all_succeeded, 60, "Flower to show the jobs as SUCCESS", ha_flower.log)
+    # Remote control (a broadcast through the broker) reaches the worker...
+    wait_for(
+        lambda: any(n.startswith("ha@") for n in ha_flower.get("/api/workers?refresh=1")),
+        60,
+        "Flower to list the worker",
+        ha_flower.log,
+    )
+    # ...and queue lengths come from Flower's own Sentinel client (its broker page).
+    queues = ha_flower.get("/api/queues/length")
+    assert QUEUE in {q["name"] for q in queues["active_queues"]}
 
 
 def test_health_and_the_message_guard_work_through_sentinel(

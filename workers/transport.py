@@ -33,7 +33,9 @@ from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as kombu_loads
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 #: The property a quarantine envelope carries: why kombu could not use the item.
 REFUSAL_PROPERTY: Final = "predictq_refusal"
@@ -194,6 +196,22 @@ class GuardedChannel(kombu_redis.Channel):
         "predictq_max_payload_bytes",
         "predictq_max_json_bytes",
     )
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        if asynchronous:
+            # The event loop's connections (BRPOP, and the pub/sub of events and
+            # remote control) belong to kombu's poller, which watches their
+            # sockets and reconnects itself on an error. redis-py's own retry
+            # (3 by default) reconnects a pub/sub connection the server closed
+            # (Sentinel's CLIENT KILL when it demotes a master, a Redis
+            # `timeout`) behind kombu's back: kombu's disconnect hook has
+            # already unregistered the old socket, nobody watches the new one,
+            # and the subscriber (Flower's event receiver, a worker's remote
+            # control) waits forever without an error. With no retry the error
+            # reaches kombu, which reconnects and subscribes again.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
 
     def _brpop_read(self, **options: Any) -> bool:
         # Copied from kombu 5.7 Channel._brpop_read; only the delivery differs.
