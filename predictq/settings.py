@@ -42,7 +42,10 @@ class Settings:
     # --- Connections -------------------------------------------------------
     broker_url: str = field(
         default="redis://localhost:6379/0",
-        metadata={"help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL."},
+        metadata={
+            "help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL; "
+            "sentinel://h1:26379/0;sentinel://h2:26379 for Redis Sentinel."
+        },
     )
     result_backend: str = field(
         default="redis://localhost:6379/1",
