@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +27,9 @@ from producer import Job, PredictionClient
 from tests.support.cluster import assert_all_correct, inputs
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
-from tests.support.sentinel import MASTER_NAME, SentinelCluster
+from tests.support.sentinel import MASTER_NAME, SentinelCluster, SentinelProcess
 from tests.test_flower import FLOWER_PASSWORD, FLOWER_USER, Flower, stop_process
+from tests.test_security import make_tls_files
 
 QUEUE = "ha"
 #: Short, so jobs lost in the replication gap come back within seconds.
@@ -231,3 +233,36 @@ def test_health_and_the_message_guard_work_through_sentinel(
         assert "JSON" in letters.entries(1)[0].detail
     wrong = run_cli("health", "--any", env={**env, "PREDICTQ_SENTINEL_MASTER": "nosuchmaster"})
     assert wrong.returncode != 0
+
+
+def test_tls_sentinel_urls_reach_a_tls_master_for_predictq_kombu_and_celery(
+    tmp_path: Path,
+) -> None:
+    files = make_tls_files(tmp_path)
+    # Both listen on TLS ports only (no plain port): anything that connects speaks TLS.
+    with RedisServer(tls=files) as master:
+        sentinel = SentinelProcess(master.binary, master.port, str(tmp_path), quorum=1, tls=files)
+        try:
+            wait_for(
+                lambda: sentinel.master_state().get("role-reported") == "master",
+                30,
+                "the TLS sentinel to read the master's INFO over TLS",
+                sentinel.log_tail,
+            )
+            tls = f"?ssl_cert_reqs=required&ssl_ca_certs={files.ca_cert}"
+            url = f"sentinel://127.0.0.1:{sentinel.port}/0{tls}"
+            with PredictionClient(
+                broker_url=url,
+                result_backend=url.replace("/0?", "/1?"),
+                sentinel_master=MASTER_NAME,
+                queue="tls",
+            ) as client:
+                assert client.queue_length() == 0  # predictq's own client, through TLS
+                # Celery's Sentinel result backend and kombu's Sentinel transport, too.
+                client._app.backend.set("predictq-tls-probe", b"1")
+                assert client._app.backend.get("predictq-tls-probe") == b"1"
+                with client._app.connection_for_write() as connection:
+                    connection.ensure_connection(max_retries=3)
+                    assert connection.default_channel.client.ping()
+        finally:
+            sentinel.stop()

@@ -14,10 +14,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from predictq_ops.redis_server import RedisServer, find_binary, free_port
+from predictq_ops.redis_server import RedisServer, TlsFiles, find_binary, free_port
 from tests.support.processes import wait_for
 
 MASTER_NAME = "pqmaster"
@@ -28,20 +29,41 @@ FAILOVER_TIMEOUT_MS = 3000
 class SentinelProcess:
     """One ``redis-server --sentinel`` on 127.0.0.1 monitoring ``MASTER_NAME``."""
 
-    def __init__(self, binary: str, master_port: int, data_dir: str) -> None:
+    def __init__(
+        self,
+        binary: str,
+        master_port: int,
+        data_dir: str,
+        *,
+        quorum: int = 2,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.port = free_port()
+        self.tls = tls
         self.dir = os.path.join(data_dir, f"sentinel-{self.port}")
         os.makedirs(self.dir)
         self.conf = os.path.join(self.dir, "sentinel.conf")
+        listen = [f"port {self.port}"]
+        if tls is not None:
+            # TLS only, to clients and (tls-replication) to the master it monitors.
+            listen = [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {tls.cert}",
+                f"tls-key-file {tls.key}",
+                f"tls-ca-cert-file {tls.ca_cert}",
+                "tls-auth-clients no",
+                "tls-replication yes",
+            ]
         # Sentinel rewrites its config file as it learns; it must be writable.
         Path(self.conf).write_text(
             "\n".join(
                 [
-                    f"port {self.port}",
+                    *listen,
                     "bind 127.0.0.1",
                     f"dir {self.dir}",
                     f"logfile {os.path.join(self.dir, 'sentinel.log')}",
-                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2",
+                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}",
                     f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
                     f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",
                     f"sentinel parallel-syncs {MASTER_NAME} 1",
@@ -56,6 +78,14 @@ class SentinelProcess:
         )
 
     def client(self) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_timeout=5,
+                ssl=True,
+                ssl_ca_certs=self.tls.ca_cert,
+            )
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def master_address(self) -> tuple[str, int] | None:
@@ -66,6 +96,14 @@ class SentinelProcess:
                 return str(host), int(port)
         except (redis.RedisError, TypeError, ValueError):
             return None
+
+    def master_state(self) -> dict[str, Any]:
+        """SENTINEL MASTER for ``MASTER_NAME``, or {} while this sentinel cannot answer."""
+        try:
+            with self.client() as c:
+                return dict(c.sentinel_master(MASTER_NAME))
+        except redis.RedisError:
+            return {}
 
     def log_tail(self, lines: int = 15) -> str:
         try:
