@@ -24,6 +24,7 @@ from predictq.kombu_layout import list_key
 from predictq.redis_client import client_from_url
 from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
+from producer.collector import RESULT_KEY_PREFIX
 from tests.support.cluster import assert_all_correct, inputs
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
@@ -137,10 +138,12 @@ def run_through(
             submitting.result(timeout=120)  # every submit returned (retried through the failover)
         assert len(jobs) == JOBS
         assert_all_correct(jobs, x, mlp_path)  # 0 lost, 0 wrong
-        # The result collector subscribed again, on the new master.
+        # The result collector subscribed again, on the new master: a message on a
+        # channel of its pattern reaches one subscriber (it ignores what it awaits not).
+        probe = RESULT_KEY_PREFIX + client._id_prefix + "probe"
         with cluster.master().client() as master:
             wait_for(
-                lambda: any(int(c["psub"]) > 0 for c in master.client_list(_type="pubsub")),
+                lambda: master.publish(probe, b"") == 1,
                 30,
                 "the result collector's pattern subscription on the new master",
             )
