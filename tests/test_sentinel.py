@@ -36,6 +36,8 @@ QUEUE = "ha"
 #: Short, so jobs lost in the replication gap come back within seconds.
 VISIBILITY_TIMEOUT_S = 4
 JOBS = 600
+#: Jobs pushed while the master fails (see ``run_through``).
+GAP_JOBS = 60
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +109,21 @@ def ha_client(cluster: SentinelCluster) -> PredictionClient:
 
 
 def run_through(
-    cluster: SentinelCluster, mlp_path: str, fail: Callable[[], None], seed: int
+    cluster: SentinelCluster,
+    mlp_path: str,
+    fail: Callable[[Callable[[], None]], None],
+    seed: int,
 ) -> dict[str, float]:
     """Submit JOBS jobs from a thread, ``fail`` the master a quarter of the way, check them all.
 
-    Returns what the test measured (printed with ``pytest -s``).
+    The submitter stops a quarter of the way until ``fail`` calls the function it
+    is given, which lets GAP_JOBS more jobs be pushed and returns once they are:
+    ``fail`` decides what the replica sees of them. Returns what the test
+    measured (printed with ``pytest -s``).
     """
     x = inputs(JOBS, seed=seed)
     jobs: list[Job] = []
-    quarter = threading.Event()
+    quarter, resume, gap_pushed = threading.Event(), threading.Event(), threading.Event()
     started = time.monotonic()
     with ha_client(cluster) as client:
 
@@ -124,6 +132,13 @@ def run_through(
                 jobs.append(client.submit(x[i]))
                 if i == JOBS // 4:
                     quarter.set()
+                    assert resume.wait(120)
+                elif i == JOBS // 4 + GAP_JOBS:
+                    gap_pushed.set()
+
+        def push_gap() -> None:
+            resume.set()
+            assert gap_pushed.wait(60)
 
         with ThreadPoolExecutor(1) as pool:
             submitting = pool.submit(submitter)
@@ -132,8 +147,8 @@ def run_through(
                 job.get(timeout=120)  # jobs are done, in flight and queued when it fails
             old_master = cluster.master_port()
             assert old_master is not None
+            fail(push_gap)
             unfinished = sum(not j.done() for j in list(jobs))
-            fail()
             failover_s = cluster.wait_new_master(old_master)
             submitting.result(timeout=120)  # every submit returned (retried through the failover)
         assert len(jobs) == JOBS
@@ -163,11 +178,20 @@ def test_master_sigkill_mid_run_every_submitted_job_completes_once_correctly(
 ) -> None:
     killed: list[RedisServer] = []
 
-    def kill_master() -> None:
+    def kill_master(push_gap: Callable[[], None]) -> None:
         killed.append(cluster.master())
-        killed[0].kill()  # SIGKILL: whatever the replica had not received is gone
+        # A replication gap, made certain: the replica stops following the
+        # master (to an address where nothing listens, keeping its data), the
+        # next GAP_JOBS jobs, their reservations, results and acknowledgements
+        # reach the master only, and then the master dies (SIGKILL).
+        with cluster.replica().client() as replica:
+            replica.replicaof("127.0.0.1", str(free_port()))
+        push_gap()
+        killed[0].kill()
 
-    run_through(cluster, mlp_path, kill_master, seed=11)
+    stats = run_through(cluster, mlp_path, kill_master, seed=11)
+    # Jobs that only the dead master had were found missing and sent again.
+    assert stats["republished"] >= 1
     assert ha_worker.process is not None and ha_worker.process.poll() is None
     # The old master comes back as a replica of the new one, as an operator would
     # bring it back, so the planned failover below has a replica to promote.
@@ -179,9 +203,10 @@ def test_planned_failover_mid_run_every_submitted_job_completes_once_correctly(
 ) -> None:
     cluster.wait_synced_replica()
 
-    def planned_failover() -> None:
+    def planned_failover(push_gap: Callable[[], None]) -> None:
         with cluster.sentinels[0].client() as s:
             s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        push_gap()  # while the sentinels switch: some may reach the old master only
 
     run_through(cluster, mlp_path, planned_failover, seed=12)
     assert ha_worker.process is not None and ha_worker.process.poll() is None
