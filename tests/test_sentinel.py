@@ -9,6 +9,7 @@ completes with the in-process model's output for its own input.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -22,7 +23,9 @@ import pytest
 from predictq.deadletters import DeadLetters
 from predictq.kombu_layout import list_key
 from predictq.redis_client import client_from_url
+from predictq.settings import Settings
 from predictq_ops.redis_server import RedisServer, free_port
+from predictq_ops.up import Supervisor, UpOptions
 from producer import Job, PredictionClient
 from producer.collector import RESULT_KEY_PREFIX
 from tests.support.cluster import assert_all_correct, inputs
@@ -294,3 +297,24 @@ def test_tls_sentinel_urls_reach_a_tls_master_for_predictq_kombu_and_celery(
                     assert connection.default_channel.client.ping()
         finally:
             sentinel.stop()
+
+
+def test_predictq_up_uses_a_reachable_sentinel_url_instead_of_an_embedded_redis(
+    cluster: SentinelCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREDICTQ_BROKER_URL", cluster.url(0))
+    settings = Settings(
+        broker_url=cluster.url(0), result_backend=cluster.url(1), sentinel_master=MASTER_NAME
+    )
+    for master, embedded in ((MASTER_NAME, False), ("nosuchmaster", True)):
+        supervisor = Supervisor(
+            settings.replace(sentinel_master=master), UpOptions(echo=lambda _line: None)
+        )
+        try:
+            urls = supervisor._redis_urls()
+            assert (supervisor.redis is not None) is embedded
+            assert (urls == (cluster.url(0), cluster.url(1))) is not embedded
+        finally:
+            if supervisor.redis is not None:
+                supervisor.redis.close()
+            shutil.rmtree(supervisor.workdir, ignore_errors=True)
