@@ -493,6 +493,10 @@ def test_compose_replica_and_sentinel_commands_replicate_and_monitor_with_the_pa
 
     port = free_port()
     sentinel_process: subprocess.Popen[bytes] | None = None
+    with redis.Redis.from_url(compose_redis.url(0)) as master:
+        # Not the service's setting, a test's haste: Redis waits 5 s by default for
+        # more replicas before a diskless full sync.
+        master.config_set("repl-diskless-sync-delay", 0)
     try:
         with RedisServer(password=REDIS_PASSWORD, spawn=spawn) as replica, replica.client() as r:
             wait_for(

@@ -218,18 +218,20 @@ def test_planned_failover_mid_run_every_submitted_job_completes_once_correctly(
 def test_flower_started_before_both_failovers_still_sees_jobs_and_the_queue(
     cluster: SentinelCluster, ha_worker: WorkerProcess, ha_flower: Flower
 ) -> None:
+    # Task events are pub/sub messages: those sent before Flower's event receiver
+    # has subscribed again are gone, so jobs are sent until Flower shows one.
+    x = inputs(1, seed=13)[0]
+    sent: list[str] = []
     with ha_client(cluster) as client:
-        jobs = [client.submit(x) for x in inputs(3, seed=13)]
-        ids = {job.id for job in jobs}
-        for job in jobs:
+
+        def a_job_shows_in_flower() -> bool:
+            job = client.submit(x)
             job.get(timeout=60)
+            sent.append(job.id)
+            tasks: dict[str, Any] = ha_flower.get("/api/tasks")
+            return any(tasks.get(i, {}).get("state") == "SUCCESS" for i in sent)
 
-    def all_succeeded() -> bool:
-        tasks: dict[str, Any] = ha_flower.get("/api/tasks")
-        return all(i in tasks and tasks[i]["state"] == "SUCCESS" for i in ids)
-
-    # Task events travel through the broker: Flower's event receiver reconnected.
-    wait_for(all_succeeded, 60, "Flower to show the jobs as SUCCESS", ha_flower.log)
+        wait_for(a_job_shows_in_flower, 60, "Flower to show a job as SUCCESS", ha_flower.log)
     # Remote control (a broadcast through the broker) reaches the worker...
     wait_for(
         lambda: any(n.startswith("ha@") for n in ha_flower.get("/api/workers?refresh=1")),
