@@ -120,9 +120,10 @@ def _entry(text: str, index: int, *, name: str) -> _Entry:
         )
     scheme, sep, _ = text.partition("://")
     if not sep or scheme.lower() != SCHEME:
-        shown = f"{scheme}://" if sep else repr(text[:40])
+        # Only the scheme is shown: the rest of an entry may hold a password.
+        shown = f"starts with {scheme}://" if sep else "has no scheme"
         raise ConfigError(
-            f"{where} starts with {shown}; every entry of a Sentinel URL must be "
+            f"{where} {shown}; every entry of a Sentinel URL must be "
             "sentinel://host:port (one scheme per URL: Sentinel, or one redis:// server)"
         )
     try:

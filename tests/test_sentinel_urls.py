@@ -41,6 +41,7 @@ def test_a_sentinel_url_lists_every_sentinel_and_takes_db_and_password_from_the_
         ("sentinel://h:26379;", "entry 2 is empty; expected sentinel://host:port"),
         ("sentinel://h:26379;redis://h2:6379/0", "entry 2 starts with redis://; every entry"),
         ("redis://h:6379/0;sentinel://h2:26379", "entry 1 starts with redis://; every entry"),
+        ("sentinel://h:1;:secret@h2:1", "entry 2 has no scheme; every entry"),
         ("sentinel://h:notaport", "entry 1: expected host:port with a port 1-65535"),
         ("sentinel://h:70000", "entry 1: expected host:port with a port 1-65535"),
         ("sentinel://h:0", "entry 1: expected a port 1-65535, got 0"),
@@ -57,7 +58,7 @@ def test_a_malformed_sentinel_url_is_one_line_naming_the_variable(url: str, mess
     with pytest.raises(ConfigError, match=message) as caught:
         Settings.from_env({"PREDICTQ_BROKER_URL": url, "PREDICTQ_SENTINEL_MASTER": "m"})
     assert str(caught.value).startswith("PREDICTQ_BROKER_URL: ")
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "secret" not in str(caught.value)
 
 
 def test_a_sentinel_url_without_a_master_name_is_refused() -> None:
