@@ -14,6 +14,7 @@ from predictq.codec import (
     RESULT_SERIALIZER,
     SERIALIZER_NAME,
 )
+from predictq.sentinel import celery_options, is_sentinel_url
 from predictq.settings import Settings
 
 PREDICT_TASK: Final = "predictq.predict"
@@ -41,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 10,
         "retry_on_timeout": True,
     }
-    return {
+    config = {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         "broker_transport_options": transport_options,
@@ -100,3 +101,30 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
+    _use_sentinel(config, settings)
+    return config
+
+
+def _use_sentinel(config: dict[str, Any], settings: Settings) -> None:
+    """Point Celery at the master set of any sentinel:// URL (predictq/sentinel.py)."""
+    ends = (
+        ("broker_url", "broker_transport_options", "broker_use_ssl"),
+        ("result_backend", "result_backend_transport_options", "redis_backend_use_ssl"),
+    )
+    for url_key, options_key, tls_key in ends:
+        url = config[url_key]
+        if not is_sentinel_url(url):
+            continue
+        # kombu's SentinelChannel and Celery's SentinelBackend read the master
+        # set's name and the sentinels' connection arguments from the transport
+        # options; TLS to the master from the *_use_ssl dict, never the URL.
+        config[url_key], options, tls = celery_options(
+            url,
+            # Settings validation guarantees a master name with a sentinel:// URL.
+            master=settings.sentinel_master or "",
+            password=settings.sentinel_password,
+            socket_timeout_s=5.0,
+        )
+        config[options_key].update(options)
+        if tls is not None:
+            config[tls_key] = tls

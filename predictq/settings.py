@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from predictq import sentinel
 from predictq.carrier import MAX_JOBS
 from predictq.errors import ConfigError
 
@@ -42,11 +43,28 @@ class Settings:
     # --- Connections -------------------------------------------------------
     broker_url: str = field(
         default="redis://localhost:6379/0",
-        metadata={"help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL."},
+        metadata={
+            "help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL; "
+            "sentinel://h1:26379/0;sentinel://h2:26379 for Redis Sentinel."
+        },
     )
     result_backend: str = field(
         default="redis://localhost:6379/1",
         metadata={"help": "Redis result backend URL (results are stored here)."},
+    )
+    sentinel_master: str | None = field(
+        default=None,
+        metadata={
+            "help": "Master set name the sentinels monitor; required when a URL is "
+            "sentinel://host:port[/db];sentinel://host2:port... (Redis Sentinel)."
+        },
+    )
+    sentinel_password: str | None = field(
+        default=None,
+        metadata={
+            "help": "Password of the sentinels themselves (the master's goes in the URL); "
+            "unset = none."
+        },
     )
     queue: str = field(default="predictq", metadata={"help": "Queue the jobs travel through."})
 
@@ -367,17 +385,31 @@ class Settings:
             )
         _require(self.readiness_ttl_s >= 2, "readiness_ttl_s", self.readiness_ttl_s, ">= 2")
         _require(bool(self.queue), "queue", self.queue, "a non-empty queue name")
+        self._validate_urls()
+        if self.flower_basic_auth is not None:
+            for pair in self.flower_basic_auth.split(","):
+                _require(":" in pair, "flower_basic_auth", "***", "user:password pairs")
+
+    def _validate_urls(self) -> None:
         for url_field in ("broker_url", "result_backend"):
             url = getattr(self, url_field)
+            # A sentinel:// entry anywhere makes it a Sentinel URL: mixing is an error.
+            if sentinel.is_sentinel_url(url) or "sentinel://" in url.lower():
+                sentinel.parse(url, name=_env(url_field))  # one line on what is wrong
+                _require(
+                    bool(self.sentinel_master),
+                    "sentinel_master",
+                    self.sentinel_master,
+                    f"the master set's name (SENTINEL MONITOR <name> ...) when {_env(url_field)} "
+                    "is a sentinel:// URL",
+                )
+                continue
             _require(
                 url.startswith(("redis://", "rediss://", "unix://")),
                 url_field,
                 mask_url(url),
-                "a redis://, rediss:// or unix:// URL",
+                "a redis://, rediss:// or unix:// URL, or sentinel://host:port;sentinel://...",
             )
-        if self.flower_basic_auth is not None:
-            for pair in self.flower_basic_auth.split(","):
-                _require(":" in pair, "flower_basic_auth", "***", "user:password pairs")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -402,6 +434,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("broker_url", "result_backend"):
                 shown = mask_url(value)
+            elif f.name == "sentinel_password" and value:
+                shown = "***"
             elif f.name == "flower_basic_auth" and value:
                 shown = ",".join(p.split(":", 1)[0] + ":***" for p in value.split(","))
             elif isinstance(value, tuple):
@@ -446,7 +480,9 @@ def _type_name(hint: Any) -> str:
 
 
 #: Fields whose values may hold passwords (masked by ``public_items`` and ``repr``).
-_SECRET_FIELDS = frozenset({"broker_url", "result_backend", "flower_basic_auth"})
+_SECRET_FIELDS = frozenset(
+    {"broker_url", "result_backend", "flower_basic_auth", "sentinel_password"}
+)
 
 
 def settings_help() -> list[tuple[str, str, str]]:
@@ -462,6 +498,8 @@ def settings_help() -> list[tuple[str, str, str]]:
 
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (safe to log)."""
+    if ";" in url:  # a Sentinel URL: one entry per sentinel
+        return ";".join(mask_url(entry) for entry in url.split(";"))
     # redis-py also takes the password as a query parameter.
     url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")

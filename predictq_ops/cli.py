@@ -289,10 +289,10 @@ def _write_outputs(outputs: Any, path: str) -> None:
 def health(any_host: bool, verbose: bool) -> None:
     """Exit 0 only if a worker has its model loaded and warm and is consuming jobs."""
     from predictq.readiness import serving_records
-    from predictq.redis_client import client_from_url
+    from predictq.redis_client import client_for
 
     settings = Settings.from_env()
-    client = client_from_url(settings.result_backend, socket_timeout_s=3.0)
+    client = client_for(settings, settings.result_backend, socket_timeout_s=3.0)
     records = serving_records(client, hostname=None if any_host else socket.gethostname())
     if verbose:
         for r in records:
@@ -314,7 +314,7 @@ def health(any_host: bool, verbose: bool) -> None:
 def info(load: bool) -> None:
     """Print the effective settings (secrets masked) and the model's input/output spec."""
     from predictq.readiness import read_records
-    from predictq.redis_client import client_from_url
+    from predictq.redis_client import client_for
     from workers.backends import resolve
 
     settings = Settings.from_env()
@@ -326,7 +326,9 @@ def info(load: bool) -> None:
     source = ""
     if not load:
         try:
-            records = read_records(client_from_url(settings.result_backend, socket_timeout_s=2))
+            records = read_records(
+                client_for(settings, settings.result_backend, socket_timeout_s=2)
+            )
         except redis.RedisError as e:
             click.echo(
                 f"(no running worker reachable at {mask_url(settings.result_backend)}: {e})",
@@ -357,11 +359,11 @@ def dead_letters() -> None:
 
 def _dead_letter_store() -> Any:
     from predictq.deadletters import DeadLetters
-    from predictq.redis_client import client_from_url
+    from predictq.redis_client import client_for
 
     settings = Settings.from_env()
     return DeadLetters(
-        client_from_url(settings.broker_url),
+        client_for(settings, settings.broker_url),
         max_entries=settings.dead_letter_max,
         max_chars=settings.dead_letter_max_bytes,
     )

@@ -125,8 +125,11 @@ class RedisServer:
         data_dir: str | None = None,
         spawn: Spawn = _spawn_attached,
         binary: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
+        #: More redis-server options, e.g. ``("--replicaof", host, port)``.
+        self.extra_args = extra_args
         self.password = password
         self.appendonly = appendonly
         self.tls = tls
@@ -188,7 +191,7 @@ class RedisServer:
             argv += ["--appendonly", "yes", "--appendfsync", "always"]
         if self.password:
             argv += ["--requirepass", self.password]
-        return argv
+        return argv + list(self.extra_args)
 
     def start(self, timeout_s: float = 20.0) -> RedisServer:
         """Start the server and wait until it answers PING."""

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
 from predictq.errors import ConfigError, PredictqError
 from predictq.readiness import read_records
-from predictq.redis_client import client_from_url
+from predictq.redis_client import client_for
+from predictq.sentinel import is_sentinel_url
 from predictq.settings import Settings, mask_url
 from predictq_ops.demo import HOLDOUT_FILE, MODEL_FILE
 from predictq_ops.redis_server import RedisServer, free_port, is_reachable
@@ -101,9 +104,19 @@ class Supervisor:
 
     # --- start -----------------------------------------------------------------
 
+    def _reachable(self, url: str) -> bool:
+        # Through the sentinels for a sentinel:// URL (is_reachable takes plain ones only).
+        if not is_sentinel_url(url):
+            return is_reachable(url)
+        try:
+            with client_for(self.settings, url, socket_timeout_s=1.0) as client:
+                return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
     def _redis_urls(self) -> tuple[str, str]:
         configured = "PREDICTQ_BROKER_URL" in os.environ
-        if configured and is_reachable(self.settings.broker_url):
+        if configured and self._reachable(self.settings.broker_url):
             self.options.echo(f"redis:  using {mask_url(self.settings.broker_url)}")
             return self.settings.broker_url, self.settings.result_backend
         if configured:
@@ -213,7 +226,7 @@ class Supervisor:
                 raise PredictqError(f"{name} exited with code {code} during start-up:\n{tail}")
 
     def _wait_ready(self, backend_url: str) -> dict[str, Any]:
-        client = client_from_url(backend_url)
+        client = client_for(self.settings, backend_url)
         pid = self.children["worker"].pid
         give_up = time.monotonic() + self.options.ready_timeout_s
         while time.monotonic() < give_up and not self.stop_requested.is_set():

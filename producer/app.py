@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
+
+from predictq.sentinel import is_sentinel_url
 
 
 class ProducerBackend(RedisBackend):  # type: ignore[misc]
@@ -28,10 +30,28 @@ class ProducerBackend(RedisBackend):  # type: ignore[misc]
         return None
 
 
+class ProducerSentinelBackend(SentinelBackend):  # type: ignore[misc]
+    """ProducerBackend for a sentinel:// result backend."""
+
+    def __init__(self, app: Celery, url: str | None = None, **kwargs: Any) -> None:
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+def producer_backend(app: Celery, url: str | None = None, **kwargs: Any) -> RedisBackend:
+    """ProducerBackend, or its Sentinel twin for a sentinel:// URL."""
+    url = url or app.conf.result_backend
+    cls = ProducerSentinelBackend if is_sentinel_url(url) else ProducerBackend
+    return cls(app, url, **kwargs)
+
+
 class ProducerApp(Celery):  # type: ignore[misc]
-    """The producer's Celery app: its result backend is ProducerBackend."""
+    """The producer's Celery app: its result backend is ProducerBackend (or the Sentinel one)."""
 
     # Celery builds `app.backend` from `backend_cls` when set (celery/app/base.py
-    # `_get_backend`); passing `backend=` to the constructor would only set the
-    # `result_backend` setting, which the configuration then overrides.
-    backend_cls = ProducerBackend
+    # `_get_backend`), whatever the URL's scheme; passing `backend=` to the
+    # constructor would only set the `result_backend` setting, which the
+    # configuration then overrides. A factory: the class depends on the URL.
+    backend_cls = staticmethod(producer_backend)

@@ -41,7 +41,7 @@ from predictq.errors import (
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
-from predictq.redis_client import client_from_url
+from predictq.redis_client import client_for
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
 from producer.aio import SubmitPool, wait_done
@@ -71,8 +71,8 @@ class PredictionClient:
         register_serializer()
         self._app = ProducerApp("predictq-producer", set_as_current=False)
         self._app.conf.update(celery_config(self.settings))
-        self._broker = client_from_url(self.settings.broker_url)
-        self._results = client_from_url(self.settings.result_backend)
+        self._broker = client_for(self.settings, self.settings.broker_url)
+        self._results = client_for(self.settings, self.settings.result_backend)
         self._publisher = RedisPublisher(self._app, self._broker, self.settings.queue)
         self._sender = Sender(self._publisher, self.settings)
         # Concurrent submits share messages (producer/coalescer.py); a carrier

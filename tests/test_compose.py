@@ -29,6 +29,7 @@ import pytest
 import redis
 import yaml
 
+from predictq import sentinel
 from predictq.settings import Settings
 from predictq_ops.cli import cli
 from predictq_ops.redis_server import RedisServer, bundled_binary, free_port
@@ -425,3 +426,116 @@ def test_compose_flower_command_rejects_anonymous_api_calls_and_accepts_the_comp
         assert http_get(url)[0] == 401
         assert http_get(url, f"{user}:wrong-password")[0] == 401
         assert http_get(url, env["PREDICTQ_FLOWER_BASIC_AUTH"])[0] == 200
+
+
+# --- Profile `ha`: a replica and three sentinels ------------------------------------------
+
+
+def test_ha_services_are_opt_in_and_point_workers_and_flower_at_the_sentinels(
+    services: dict[str, Service],
+) -> None:
+    ha = {name for name, s in services.items() if "ha" in s.get("profiles", [])}
+    assert ha == {
+        "redis-replica",
+        "sentinel-1",
+        "sentinel-2",
+        "sentinel-3",
+        "worker-ha",
+        "flower-ha",
+    }
+    for name in ("worker-ha", "flower-ha"):
+        settings = Settings.from_env(environment(services[name]))
+        for url in (settings.broker_url, settings.result_backend):
+            parsed = sentinel.parse(url, name=name)
+            assert parsed.sentinels == (
+                ("sentinel-1", 26379),
+                ("sentinel-2", 26379),
+                ("sentinel-3", 26379),
+            )
+            assert parsed.password == REDIS_PASSWORD
+        assert settings.sentinel_master == "predictq"
+        assert services[name]["command"] == services[name.removesuffix("-ha")]["command"]
+    # The plain services keep talking to the redis service directly.
+    assert Settings.from_env(environment(services["worker"])).broker_url.startswith("redis://")
+
+
+def _local_sentinel_command(service: Service, master: RedisServer, port: int) -> list[str]:
+    """The sentinel service's shell command, aimed at a local master and port."""
+    (entrypoint, flag), (script,) = service["entrypoint"], service["command"]
+    assert entrypoint == "/bin/sh" and flag == "-c"
+    local = (
+        script.replace(
+            "monitor predictq redis 6379", f"monitor predictq {master.host} {master.port}"
+        )
+        .replace("'port 26379'", f"'port {port}' 'bind 127.0.0.1'")
+        .replace("/tmp/sentinel.conf", f"{master.data_dir}/sentinel-{port}.conf")
+        .replace("exec redis-server", f"exec {master.binary}")
+    )
+    return ["/bin/sh", "-c", local]
+
+
+def test_compose_replica_and_sentinel_commands_replicate_and_monitor_with_the_password(
+    services: dict[str, Service], compose_redis: RedisServer, tmp_path: Path
+) -> None:
+    binary, *replica_args = services["redis-replica"]["command"]
+    assert binary == "redis-server"
+    at = replica_args.index("--replicaof")
+    assert replica_args[at + 1 : at + 3] == ["redis", "6379"]
+    replica_args[at + 1 : at + 3] = [compose_redis.host, str(compose_redis.port)]
+
+    def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        cut = argv.index("--requirepass")  # the password comes from the service's command
+        return subprocess.Popen(
+            [*argv[:cut], *argv[cut + 2 :], *replica_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    port = free_port()
+    sentinel_process: subprocess.Popen[bytes] | None = None
+    with redis.Redis.from_url(compose_redis.url(0)) as master:
+        # Not the service's setting, a test's haste: Redis waits 5 s by default for
+        # more replicas before a diskless full sync.
+        master.config_set("repl-diskless-sync-delay", 0)
+    try:
+        with RedisServer(password=REDIS_PASSWORD, spawn=spawn) as replica, replica.client() as r:
+            wait_for(
+                lambda: r.info("replication").get("master_link_status") == "up",
+                30,
+                "the replica to sync with the master using --masterauth",
+            )
+            # Started after the sync, the sentinel's first INFO of the master lists the replica.
+            sentinel_process = subprocess.Popen(
+                _local_sentinel_command(services["sentinel-1"], compose_redis, port),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            with redis.Redis(host="127.0.0.1", port=port, decode_responses=True) as s:
+                # The sentinel reads the master's INFO (auth-pass works) and finds the replica.
+                wait_for(
+                    lambda: _sentinel_state(s).get("num-slaves") == 1,
+                    30,
+                    "the sentinel to see the master's replica",
+                )
+                assert s.sentinel_get_master_addr_by_name("predictq") == (
+                    compose_redis.host,
+                    compose_redis.port,
+                )
+        check = healthcheck_argv(services["sentinel-1"]["healthcheck"]["test"])
+        redis_cli = Path(compose_redis.binary).with_name("redis-cli")
+        check = [
+            c.replace("redis-cli -p 26379", f"{redis_cli} -h 127.0.0.1 -p {port}") for c in check
+        ]
+        assert run_check(check, base_env()).returncode == 0
+    finally:
+        if sentinel_process is not None:
+            sentinel_process.terminate()
+            sentinel_process.wait(10)
+
+
+def _sentinel_state(client: redis.Redis) -> dict[str, Any]:
+    """SENTINEL MASTER predictq, or {} while the sentinel is starting."""
+    try:
+        return dict(client.sentinel_master("predictq"))
+    except redis.RedisError:
+        return {}

@@ -97,3 +97,21 @@ def test_the_guarded_channel_reads_its_limits_from_transport_options() -> None:
     assert set(kombu_redis.Channel.from_transport_options) < set(
         GuardedChannel.from_transport_options
     )
+
+
+def test_the_sentinel_channel_of_workers_is_guarded_and_still_finds_the_master() -> None:
+    from kombu.utils.imports import symbol_by_name
+
+    from workers.app import GUARDED_SENTINEL_TRANSPORT
+    from workers.transport import GuardedSentinelChannel, SentinelTransport
+
+    # What sentinel:// names in a worker process (workers/app.py's alias).
+    assert symbol_by_name(GUARDED_SENTINEL_TRANSPORT) is SentinelTransport
+    assert issubclass(SentinelTransport, kombu_redis.SentinelTransport)
+    assert SentinelTransport.Channel is GuardedSentinelChannel
+    # The guard's methods, and the Sentinel channel's master lookup.
+    assert GuardedSentinelChannel._brpop_read is GuardedChannel._brpop_read
+    assert GuardedSentinelChannel.Message is GuardedChannel.Message
+    assert GuardedSentinelChannel._get_pool is kombu_redis.SentinelChannel._get_pool
+    options = set(GuardedSentinelChannel.from_transport_options)
+    assert {"master_name", "sentinel_kwargs", "predictq_raw_limit"} <= options

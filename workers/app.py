@@ -21,12 +21,14 @@ from predictq.celeryconf import celery_config
 from predictq.codec import register_serializer
 from predictq.errors import ConfigError
 from predictq.settings import Settings
-from workers.results import TRACEBACKS_CONF, ResultBackend
+from workers.results import TRACEBACKS_CONF, result_backend
 
 log = logging.getLogger(__name__)
 
 #: kombu's Redis transport with predictq's message guard (workers/transport.py).
 GUARDED_TRANSPORT = "workers.transport:Transport"
+#: kombu's Sentinel transport with the same guard.
+GUARDED_SENTINEL_TRANSPORT = "workers.transport:SentinelTransport"
 
 
 @functools.cache
@@ -48,7 +50,9 @@ def _configure() -> dict[str, Any]:
     # kombu resolves the transport from the URL scheme through its alias table:
     # in a worker process, redis:// and rediss:// name the guarded transport, so
     # URLs, TLS defaults and log lines stay exactly kombu's own.
-    TRANSPORT_ALIASES.update(redis=GUARDED_TRANSPORT, rediss=GUARDED_TRANSPORT)
+    TRANSPORT_ALIASES.update(
+        redis=GUARDED_TRANSPORT, rediss=GUARDED_TRANSPORT, sentinel=GUARDED_SENTINEL_TRANSPORT
+    )
     config["broker_transport_options"].update(
         predictq_raw_limit=settings.dead_letter_max_bytes,
         predictq_max_payload_bytes=settings.max_payload_bytes,
@@ -130,8 +134,9 @@ def _guard_flower_address() -> None:
 
 
 app = Celery("predictq", set_as_current=False)
-# JSON results for JSON jobs and no tracebacks in results (workers/results.py).
-app.backend_cls = ResultBackend
+# JSON results for JSON jobs and no tracebacks in results (workers/results.py);
+# a factory, as the class depends on the result backend's URL scheme.
+app.backend_cls = result_backend
 app.add_defaults(_configure)
 # A hidden preload option makes the Celery CLI send `user_preload_options`
 # before every sub-command, flower included (workers/signals.py uses it).

@@ -30,7 +30,7 @@ from predictq.celeryconf import NOOP_TASK, PREDICT_JOBS_TASK, PREDICT_TASK
 from predictq.deadletters import DeadLetters
 from predictq.errors import InvalidMessage
 from predictq.readiness import ConsumingBeacon
-from predictq.redis_client import client_from_url
+from predictq.redis_client import client_for
 from workers import metrics
 from workers.app import worker_settings
 from workers.guard import Policy, Refusal, carried_job_ids, check, usable_task_id
@@ -54,7 +54,7 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
             max_payload_bytes=settings.max_payload_bytes,
             max_json_bytes=settings.max_json_bytes,
         )
-        self._broker_redis = client_from_url(settings.broker_url)
+        self._broker_redis = client_for(settings, settings.broker_url)
         self._dead_letters = DeadLetters(
             self._broker_redis,
             max_entries=settings.dead_letter_max,
@@ -63,7 +63,7 @@ class PredictqConsumer(Consumer):  # type: ignore[misc]
         self._beacon: ConsumingBeacon | None = None
         self._beacon_ttl_s = settings.readiness_ttl_s
         # Beside the readiness records, which `predictq health` reads with it.
-        self._backend_redis = client_from_url(settings.result_backend)
+        self._backend_redis = client_for(settings, settings.result_backend)
         self._inner_loop: Any = self.loop  # type: ignore[has-type]
         self.loop = self._guarded_loop
 

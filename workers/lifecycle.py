@@ -57,7 +57,7 @@ from celery.concurrency.thread import TaskPool as ThreadsPool
 
 from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, PredictionError, Requeue
 from predictq.readiness import ReadinessRecord
-from predictq.redis_client import client_from_url
+from predictq.redis_client import client_for
 from predictq.settings import Settings, mask_url
 from workers import metrics
 from workers.app import worker_settings
@@ -249,8 +249,8 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             model.warm_up()
             warm_s = time.monotonic() - started
 
-            results = stack.enter_context(closing(client_from_url(settings.result_backend)))
-            broker = stack.enter_context(closing(client_from_url(settings.broker_url)))
+            results = stack.enter_context(closing(client_for(settings, settings.result_backend)))
+            broker = stack.enter_context(closing(client_for(settings, settings.broker_url)))
             batcher = stack.enter_context(_device_thread(model, settings))
 
             metrics.record_model(model, warm_s, device)

@@ -32,12 +32,13 @@ from typing import Any, Final
 import numpy as np
 from celery import states
 from celery.app.task import Context
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.utils import json as kombu_json
 
 from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype
 from predictq.errors import PredictionError
 from predictq.payloads import REF_KEY
+from predictq.sentinel import is_sentinel_url
 
 #: Message header (then request attribute) set by the consumer: store a JSON result.
 JSON_RESULT: Final = "predictq_json_result"
@@ -129,12 +130,12 @@ def _nested_lists(array: np.ndarray[Any, Any], where: str) -> object:
     return array.tolist()
 
 
-class ResultBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, storing a JSON job's record as JSON, without tracebacks."""
+class _PredictqRecords:
+    """predictq's change to Celery's Redis backends: JSON records for JSON jobs, no tracebacks."""
 
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         # Named by class (the app's ``backend_cls``), so Celery passes no URL.
-        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)
+        super().__init__(app=app, url=url or app.conf.result_backend, **kwargs)  # type: ignore[call-arg]
         self._tracebacks = bool(app.conf.get(TRACEBACKS_CONF, False))
 
     def store_result(
@@ -149,10 +150,14 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         if not self._tracebacks:
             traceback = None
         if not getattr(request, JSON_RESULT, False):
-            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+            return super().store_result(  # type: ignore[misc]
+                task_id, result, state, traceback, request, **kwargs
+            )
         token = _storing_json.set(True)
         try:
-            return super().store_result(task_id, result, state, traceback, request, **kwargs)
+            return super().store_result(  # type: ignore[misc]
+                task_id, result, state, traceback, request, **kwargs
+            )
         finally:
             _storing_json.reset(token)
 
@@ -160,4 +165,23 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         if _storing_json.get():
             # What Celery's JSON result serializer writes.
             return kombu_json.dumps(data)  # type: ignore[no-untyped-call]
-        return super().encode(data)
+        return super().encode(data)  # type: ignore[misc]
+
+
+class ResultBackend(_PredictqRecords, RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend with predictq's records."""
+
+
+class SentinelResultBackend(_PredictqRecords, SentinelBackend):  # type: ignore[misc]
+    """Celery's Redis Sentinel result backend with predictq's records."""
+
+
+def result_backend(app: Any, url: str | None = None, **kwargs: Any) -> RedisBackend:
+    """The workers' result backend for ``app``'s ``result_backend`` URL (the app's backend_cls).
+
+    Celery uses ``backend_cls`` whatever the URL's scheme says, and creates it
+    only once the configuration is read, so the choice is made here, then.
+    """
+    url = url or app.conf.result_backend
+    cls = SentinelResultBackend if is_sentinel_url(url) else ResultBackend
+    return cls(app=app, url=url, **kwargs)

@@ -33,7 +33,9 @@ from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as kombu_loads
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 
 #: The property a quarantine envelope carries: why kombu could not use the item.
 REFUSAL_PROPERTY: Final = "predictq_refusal"
@@ -195,6 +197,22 @@ class GuardedChannel(kombu_redis.Channel):
         "predictq_max_json_bytes",
     )
 
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+        if asynchronous:
+            # The event loop's connections (BRPOP, and the pub/sub of events and
+            # remote control) belong to kombu's poller, which watches their
+            # sockets and reconnects itself on an error. redis-py's own retry
+            # (3 by default) reconnects a pub/sub connection the server closed
+            # (Sentinel's CLIENT KILL when it demotes a master, a Redis
+            # `timeout`) behind kombu's back: kombu's disconnect hook has
+            # already unregistered the old socket, nobody watches the new one,
+            # and the subscriber (Flower's event receiver, a worker's remote
+            # control) waits forever without an error. With no retry the error
+            # reaches kombu, which reconnects and subscribes again.
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
+
     def _brpop_read(self, **options: Any) -> bool:
         # Copied from kombu 5.7 Channel._brpop_read; only the delivery differs.
         try:
@@ -271,4 +289,34 @@ class Transport(kombu_redis.Transport):
     Channel = GuardedChannel
 
 
-__all__ = ["REFUSAL_PROPERTY", "GuardedChannel", "Transport", "envelope_problem", "raw_envelope"]
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with the same check of every popped item.
+
+    The method resolution order puts ``GuardedChannel`` (``_brpop_read``,
+    ``Message``) before ``SentinelChannel`` (the pool that asks the sentinels
+    for the master); both read their own transport options.
+    """
+
+    from_transport_options = tuple(  # type: ignore[assignment]
+        dict.fromkeys(
+            GuardedChannel.from_transport_options
+            + kombu_redis.SentinelChannel.from_transport_options
+        )
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with ``GuardedSentinelChannel`` (sentinel:// in workers)."""
+
+    Channel = GuardedSentinelChannel
+
+
+__all__ = [
+    "REFUSAL_PROPERTY",
+    "GuardedChannel",
+    "GuardedSentinelChannel",
+    "SentinelTransport",
+    "Transport",
+    "envelope_problem",
+    "raw_envelope",
+]

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 
 from predictq.readiness import serving_records
+from predictq.redis_client import client_from_url
 from predictq_ops.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,7 +179,9 @@ class WorkerProcess:
         A killed worker's record outlives it until its TTL expires; filtering on
         the live pids keeps a restarted worker from looking ready too early.
         """
-        client = redis.Redis.from_url(self.result_backend, socket_timeout=5)
+        client = client_from_url(
+            self.result_backend, sentinel_master=self.env.get("PREDICTQ_SENTINEL_MASTER")
+        )
         pids = self.pids()
         try:
             return [
