@@ -56,16 +56,16 @@ class Worker:
         self.peak_rss_mb = 0.0
 
     def metrics(self) -> dict[str, float]:
-        """The worker's own Prometheus samples (unlabelled ones), by name."""
+        """The worker's own Prometheus samples by name, summed over their labels
+        (per-model labels included)."""
         assert self.metrics_url is not None
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             text = r.read().decode()
-        return {
-            s.name: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if not s.labels
-        }
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                totals[s.name] = totals.get(s.name, 0.0) + s.value
+        return totals
 
     def log_tail(self) -> str:
         return Path(self.log_path).read_text(errors="replace")[-3000:]
