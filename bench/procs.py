@@ -95,16 +95,25 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def predictq_worker(
-    broker: str, backend: str, model_path: str, *, concurrency: int, extra_env: dict[str, str]
+    broker: str,
+    backend: str,
+    model_path: str | None,
+    *,
+    concurrency: int,
+    extra_env: dict[str, str],
 ) -> Worker:
-    """`predictq worker` (threads pool) with the given settings; waits until ready."""
+    """`predictq worker` (threads pool) with the given settings; waits until ready.
+
+    ``model_path`` None: the model(s) come from ``extra_env`` (a model repository).
+    """
     env = base_env(
         PREDICTQ_BROKER_URL=broker,
         PREDICTQ_RESULT_BACKEND=backend,
-        PREDICTQ_MODEL_PATH=model_path,
         PREDICTQ_METRICS_PORT=str(free_port()),
         **{"PREDICTQ_LOG_LEVEL": "WARNING", **extra_env},
     )
+    if model_path is not None:
+        env["PREDICTQ_MODEL_PATH"] = model_path
     worker = Worker(
         [
             sys.executable,
