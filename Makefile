@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo up test lint unit bench bench-quick bench-backends clean
+.PHONY: demo up test lint unit bench bench-quick bench-backends bench-repository clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "predictq needs Python >= 3.11, found " + sys.version' 
@@ -42,6 +42,9 @@ bench-quick: $(STAMP)
 
 bench-backends: $(STAMP)
 	$(BIN)/python -m bench.backends
+
+bench-repository: $(STAMP)
+	$(BIN)/python -m bench.repository
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/results

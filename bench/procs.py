@@ -56,16 +56,16 @@ class Worker:
         self.peak_rss_mb = 0.0
 
     def metrics(self) -> dict[str, float]:
-        """The worker's own Prometheus samples (unlabelled ones), by name."""
+        """The worker's own Prometheus samples by name, summed over their labels
+        (per-model labels included)."""
         assert self.metrics_url is not None
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             text = r.read().decode()
-        return {
-            s.name: s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-            if not s.labels
-        }
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                totals[s.name] = totals.get(s.name, 0.0) + s.value
+        return totals
 
     def log_tail(self) -> str:
         return Path(self.log_path).read_text(errors="replace")[-3000:]
@@ -95,16 +95,25 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def predictq_worker(
-    broker: str, backend: str, model_path: str, *, concurrency: int, extra_env: dict[str, str]
+    broker: str,
+    backend: str,
+    model_path: str | None,
+    *,
+    concurrency: int,
+    extra_env: dict[str, str],
 ) -> Worker:
-    """`predictq worker` (threads pool) with the given settings; waits until ready."""
+    """`predictq worker` (threads pool) with the given settings; waits until ready.
+
+    ``model_path`` None: the model(s) come from ``extra_env`` (a model repository).
+    """
     env = base_env(
         PREDICTQ_BROKER_URL=broker,
         PREDICTQ_RESULT_BACKEND=backend,
-        PREDICTQ_MODEL_PATH=model_path,
         PREDICTQ_METRICS_PORT=str(free_port()),
         **{"PREDICTQ_LOG_LEVEL": "WARNING", **extra_env},
     )
+    if model_path is not None:
+        env["PREDICTQ_MODEL_PATH"] = model_path
     worker = Worker(
         [
             sys.executable,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,52 +172,92 @@ def closed_loop(
     )
 
 
-def interleaved(
+def async_storm(
     name: str,
-    noop: Callable[[int], Any],
-    storm: Callable[[int], Any],
+    apredict: Callable[[Array], Awaitable[Any]],
+    x: Array,
     expected: Array,
     *,
+    jobs: int,
+    in_flight: int,
+) -> Result:
+    """``in_flight`` asyncio tasks on one event loop, each awaiting one single-sample
+    prediction (its own row of ``x``) after another, as an asyncio service's handlers do."""
+    latencies: list[float] = []
+    errors = [0]
+    worst = [0.0]
+    counter = itertools.count()
+
+    async def handler() -> None:
+        while (i := next(counter)) < jobs:
+            t0 = time.perf_counter()
+            try:
+                out = await apredict(x[i : i + 1])
+            except Exception:
+                errors[0] += 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+            err = _error(out, expected[i : i + 1])
+            worst[0] = max(worst[0], err)
+            if err > ATOL:
+                errors[0] += 1
+
+    async def storm() -> None:
+        await asyncio.gather(*(handler() for _ in range(in_flight)))
+
+    started = time.perf_counter()
+    asyncio.run(storm())
+    seconds = time.perf_counter() - started
+    return Result(
+        "predictq asyncio storm",
+        name,
+        len(latencies),
+        len(latencies),
+        seconds,
+        errors[0],
+        worst[0],
+        latencies,
+        note=f"{in_flight} in flight on one event loop",
+    )
+
+
+#: One round of a scenario: (first job index, number of jobs) -> its Result.
+Round = Callable[[int, int], Result]
+
+
+def interleaved(
+    scenarios: dict[str, tuple[Round, int]],
+    *,
     rounds: int,
-    noop_jobs: int,
-    storm_jobs: int,
-    threads: int,
-) -> tuple[Result, Result]:
-    """The no-op and the storm in alternating rounds; each result sums its rounds."""
+    counters: Callable[[], dict[str, float]],
+    watch: tuple[str, ...],
+) -> tuple[dict[str, Result], dict[str, dict[str, float]]]:
+    """Each scenario (label: (round, total jobs)) in ``rounds`` alternating rounds, so all
+    see the same minutes of machine noise; each Result sums its rounds. Also returns, per
+    label, how much each ``watch``ed worker counter grew during that label's rounds."""
     totals: dict[str, Result] = {}
+    grown: dict[str, dict[str, float]] = {}
     for k in range(rounds):
-        for label, call, jobs in (
-            ("noop (predictq client)", noop, noop_jobs),
-            ("predictq storm", storm, storm_jobs),
-        ):
+        for label, (run, jobs) in scenarios.items():
             per_round = jobs // rounds
-            base = k * per_round
-            r = closed_loop(
-                name,
-                label,
-                lambda i, c=call, b=base: c(b + i),
-                expected[base:],
-                jobs=per_round,
-                threads=threads,
-            )
-            t = totals.setdefault(
-                label,
-                Result(
-                    label,
-                    name,
-                    0,
-                    0,
-                    0.0,
-                    note=f"{threads} producer threads, {rounds} interleaved rounds",
-                ),
-            )
+            before = counters()
+            r = run(k * per_round, per_round)
+            after = counters()
+            for name in watch:
+                g = grown.setdefault(label, {})
+                g[name] = g.get(name, 0.0) + after.get(name, 0.0) - before.get(name, 0.0)
+            t = totals.get(label)
+            if t is None:
+                totals[label] = r
+                r.note += f", {rounds} interleaved rounds"
+                continue
             t.jobs += r.jobs
             t.samples += r.samples
             t.seconds += r.seconds
             t.errors += r.errors
             t.max_abs_err = max(t.max_abs_err, r.max_abs_err)
             t.latencies_ms += r.latencies_ms
-    return totals["noop (predictq client)"], totals["predictq storm"]
+    return totals, grown
 
 
 def bulk(
