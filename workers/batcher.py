@@ -6,9 +6,15 @@ piece, fills the batch with compatible pieces until ``max_batch_size`` samples
 or ``batch_wait_ms`` after the first arrival, runs ONE call, and splits the
 outputs back to each job.
 
-Invariants (each has a test in tests/test_batcher.py):
+One batcher serves every model (and model version) of a process: each request
+names the ``run`` (a loaded model version) it is for, and a batch only ever
+holds requests for one ``run``, so no job gets a mix of two versions' outputs.
 
-* Only the device thread calls ``run``: device access is serialized per process.
+Invariants (each has a test in tests/test_batcher.py or tests/test_registry.py):
+
+* Only the device thread calls a ``run`` or a device task (``on_device``: the
+  warm-up of a version loaded while serving): device calls are one at a time
+  per process, across all its models.
 * The device thread does no I/O but the device call: whatever a job needs from
   Redis happens on the job's own thread, before ``submit`` or after its result.
 * Every submitted request ends with its result or its own exception, never a
@@ -67,6 +73,8 @@ class BatchStats:
     requests: int
     device_s: float
     oldest_wait_s: float
+    #: What the submitter labelled the batch's requests with (model name, version).
+    labels: tuple[str, str] = ("", "")
 
 
 class _Request:
@@ -106,6 +114,8 @@ class _Piece:
     offset: int
     inputs: list[Array]
     isolated: bool
+    run: RunFn
+    labels: tuple[str, str]
     signature: tuple[tuple[int, ...], ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,18 +127,23 @@ class _Piece:
 
     def halves(self) -> tuple[_Piece, _Piece]:
         k = self.n // 2
+        first = [a[:k] for a in self.inputs]
+        rest = [a[k:] for a in self.inputs]
         return (
-            _Piece(self.request, self.offset, [a[:k] for a in self.inputs], self.isolated),
-            _Piece(self.request, self.offset + k, [a[k:] for a in self.inputs], self.isolated),
+            _Piece(self.request, self.offset, first, self.isolated, self.run, self.labels),
+            _Piece(self.request, self.offset + k, rest, self.isolated, self.run, self.labels),
         )
 
 
 class Batcher:
-    """Runs ``run`` on batches of concurrently submitted requests, on one thread."""
+    """Runs batches of concurrently submitted requests on one thread, one call at a time.
+
+    ``run`` is the default model for ``submit``; each request may name its own.
+    """
 
     def __init__(
         self,
-        run: RunFn,
+        run: RunFn | None = None,
         *,
         max_batch_size: int,
         batch_wait_ms: float,
@@ -146,11 +161,13 @@ class Batcher:
         # Metrics only: cheap, in memory, never raise (they run on the device thread).
         self._on_batch = on_batch
         self._on_isolate = on_isolate
-        # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
-        # _queue only while not _closed, and leaves it only on the device
-        # thread, so after close() + join() nothing can be left pending.
+        # _cond guards _queue, _tasks, _incoming and _closed. Invariant: a piece
+        # (or device task) enters its queue only while not _closed, and leaves
+        # it only on the device thread, so after close() + join() nothing can
+        # be left pending.
         self._cond = threading.Condition()
         self._queue: deque[_Piece] = deque()
+        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._incoming = 0
         self._closed = False
         self._arrivals = ArrivalTracker()  # guarded by _cond too
@@ -198,19 +215,32 @@ class Batcher:
                 self._cond.notify_all()
 
     def submit(
-        self, inputs: Sequence[Array], *, deadline: float | None = None, isolated: bool = False
+        self,
+        inputs: Sequence[Array],
+        *,
+        deadline: float | None = None,
+        isolated: bool = False,
+        run: RunFn | None = None,
+        labels: tuple[str, str] = ("", ""),
     ) -> Future[list[Array]]:
         """Queue one request; the future holds its outputs (one array per model output).
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped with ``DeadlineExceeded`` instead of run. ``isolated`` requests run
-        in batches of their own. Raises ``Requeue`` once the batcher is closed.
+        in batches of their own. ``run`` (default: the batcher's) computes it;
+        only requests for the same ``run`` share a batch. ``labels`` come back
+        in the batch's ``BatchStats``. Raises ``Requeue`` once the batcher is closed.
         """
+        fn = run or self._run
+        if fn is None:
+            raise ValueError("submit: this batcher has no default model; pass run=")
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
         request = _Request(n, deadline)
         pieces = [
-            _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
+            _Piece(
+                request, start, [a[start : start + self._max] for a in arrays], isolated, fn, labels
+            )
             for start in range(0, n, self._max)
         ]
         with self._cond:
@@ -220,6 +250,21 @@ class Batcher:
             self._queue.extend(pieces)
             self._cond.notify_all()
         return request.future
+
+    def on_device(self, task: Callable[[], Any]) -> Future[Any]:
+        """Run ``task`` on the device thread, between two batches; its future holds the outcome.
+
+        For device work that is not a batch (warming up a model version loaded
+        while others serve): it keeps device calls one at a time, and the
+        watchdog times it like a device call. Raises ``Requeue`` once closed.
+        """
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise Requeue("the worker process is stopping and takes no device work")
+            self._tasks.append((task, future))
+            self._cond.notify_all()
+        return future
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Stop taking requests, finish the queued ones, join the device thread.
@@ -244,11 +289,14 @@ class Batcher:
         batch: list[_Piece] = []
         try:
             while True:
-                batch = self._next_batch()
-                if not batch:
+                self._run_tasks()
+                filled = self._next_batch()
+                if filled is None:
                     return
-                self._run_batch(batch)
-                batch = []
+                batch = filled
+                if batch:
+                    self._run_batch(batch)
+                    batch = []
         except BaseException as e:
             # Invariant "never a hang": whatever killed the loop, end every
             # request it was responsible for, and refuse new ones. The batch it
@@ -271,15 +319,38 @@ class Batcher:
         with self._cond:
             pending = list(self._queue)
             self._queue.clear()
+            tasks = list(self._tasks)
+            self._tasks.clear()
         for piece in pending:
             piece.request.fail(Requeue(why))
+        for _task, future in tasks:
+            future.set_exception(Requeue(why))
 
-    def _next_batch(self) -> list[_Piece]:
-        """Block for the first piece, then fill; empty only when closed and drained."""
+    def _run_tasks(self) -> None:
+        while True:
+            with self._cond:
+                if not self._tasks:
+                    return
+                task, future = self._tasks.popleft()
+            self._call_started = time.monotonic()
+            try:
+                result = task()
+            except Exception as e:
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            finally:
+                self._call_started = None
+
+    def _next_batch(self) -> list[_Piece] | None:
+        """Block for the first piece, then fill; empty when a device task arrived first,
+        None once closed and drained."""
         with self._cond:
             while not self._queue:
-                if self._closed:
+                if self._tasks:
                     return []
+                if self._closed:
+                    return None
                 self._cond.wait()
             first = self._queue.popleft()
             batch, samples = [first], first.n
@@ -301,11 +372,11 @@ class Batcher:
 
     def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
         """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
-        signature = batch[0].signature
+        signature, run = batch[0].signature, batch[0].run
         kept: deque[_Piece] = deque()
         while self._queue:
             piece = self._queue.popleft()
-            if piece.isolated or piece.signature != signature:
+            if piece.isolated or piece.run is not run or piece.signature != signature:
                 kept.append(piece)
             elif samples + piece.n <= self._max:
                 batch.append(piece)
@@ -383,7 +454,8 @@ class Batcher:
         total = sum(p.n for p in pieces)
         started = self._call_started = time.monotonic()
         try:
-            outputs = self._run(inputs)
+            # One run per batch: _take_compatible never mixes two.
+            outputs = pieces[0].run(inputs)
         finally:
             self._call_started = None
         device_s = time.monotonic() - started
@@ -394,7 +466,8 @@ class Batcher:
                 )
         if self._on_batch is not None:
             oldest = min(p.request.submitted_at for p in pieces)
-            self._on_batch(BatchStats(total, len(pieces), device_s, started - oldest))
+            stats = BatchStats(total, len(pieces), device_s, started - oldest, pieces[0].labels)
+            self._on_batch(stats)
         split: list[list[Array]] = []
         start = 0
         for piece in pieces:

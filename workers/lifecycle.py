@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
@@ -59,12 +60,15 @@ from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, Predicti
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
-from workers import metrics
+from workers import backends, metrics
 from workers.app import worker_settings
 from workers.batcher import Batcher
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
+from workers.hotload import RepositoryWatcher
 from workers.model import LoadedModel, import_model_modules, load_model
+from workers.registry import ModelRegistry, ServedVersion
+from workers.repository import VersionDir, model_file
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -94,8 +98,10 @@ class _Process:
         self.stack: ExitStack | None = None  # what stop_serving undoes
         self.runtime: Runtime | None = None
         self.readiness: ReadinessRecord | None = None
+        self.registry: ModelRegistry | None = None
+        self.watcher: RepositoryWatcher | None = None
         self.stopped = False
-        self.loads = 0  # model loads in this process: should be 1
+        self.loads = 0  # model version loads in this process: one per version
 
 
 _process = _Process()
@@ -117,12 +123,12 @@ def start_worker(worker: Any) -> None:
     except ConfigError as e:
         _abort_start(e)
     log.info(
-        "predictq worker %s: pool=%s broker=%s backend=%s model=%s",
+        "predictq worker %s: pool=%s broker=%s backend=%s models=%s",
         worker.hostname,
         _Worker.pool,
         mask_url(settings.broker_url),
         mask_url(settings.result_backend),
-        settings.model_path,
+        settings.model_repository or settings.model_path,
     )
     if settings.log_level != "DEBUG":
         # Celery decides once, when it builds its task tracers and strategies,
@@ -233,27 +239,48 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
     with _process.lock:
         if _process.stack is not None or _process.stopped:
             return
-        if not settings.model_path:
-            raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
+        if not settings.model_path and not settings.model_repository:
+            raise ConfigError(
+                "PREDICTQ_MODEL_REPOSITORY (a directory of <name>/<version>/) or "
+                "PREDICTQ_MODEL_PATH (one model) must name what to serve, got nothing"
+            )
         with ExitStack() as stack:
             started = time.monotonic()
             # First: the Keras backend and its devices are chosen before Keras loads.
             device = configure_devices(settings).kind
             import_model_modules(settings.model_imports)
-            model = load_model(settings.model_path, max_batch_size=settings.max_batch_size)
-            _process.loads += 1
-            # One inference per batch shape the backend compiles for: single jobs
-            # and full batches (TensorFlow traces once, its function is
-            # batch-polymorphic), or every batch-size bucket (JAX). This also
-            # fails fast if a full batch does not fit.
-            model.warm_up()
-            warm_s = time.monotonic() - started
 
             results = stack.enter_context(closing(client_from_url(settings.result_backend)))
             broker = stack.enter_context(closing(client_from_url(settings.broker_url)))
-            batcher = stack.enter_context(_device_thread(model, settings))
+            # One device thread for every model of the process: the device
+            # invariant (one call at a time, workers/batcher.py) holds across models.
+            batcher = stack.enter_context(_device_thread(settings))
+            registry = ModelRegistry(on_release=_released)
+            watcher = RepositoryWatcher(
+                settings,
+                registry,
+                load=functools.partial(_load_version, settings),
+                # One inference per batch shape the backend compiles for, on the
+                # device thread: single jobs and full batches (TensorFlow traces
+                # once, its function is batch-polymorphic), or every batch-size
+                # bucket (JAX). This also fails fast if a full batch does not fit.
+                warm=lambda model: batcher.on_device(model.warm_up).result(),
+                on_loaded=functools.partial(_loaded, device=device),
+                on_change=_models_changed,
+            )
+            # Serving starts with the same pass that hot loading repeats.
+            watcher.sync()
+            if not registry.served():
+                raise watcher.last_error or ModelLoadError(
+                    "no model version to serve in "
+                    f"{settings.model_repository or settings.model_path!r} (expected "
+                    "<name>/<version>/ directories holding a model)"
+                )
+            warm_s = time.monotonic() - started
+            _process.registry = registry
+            stack.callback(setattr, _process, "registry", None)
 
-            metrics.record_model(model, warm_s, device)
+            metrics.MODEL_READY.set(1)
             stack.callback(metrics.MODEL_READY.set, 0)
             server = _serve_metrics(settings, index)
             if server is not None:
@@ -261,18 +288,20 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
 
             fields = {
                 "pool": _Worker.pool,
-                "loads": _process.loads,
                 "warm": True,
                 "device": device,
-                "backend": model.backend,
+                "backend": backends.current().name,
                 "load_s": round(warm_s, 3),
                 "since": datetime.now(UTC).isoformat(),
                 "metrics_port": None if server is None else server.server_address[1],
                 "max_batch_size": settings.max_batch_size,
-                "model": model.spec.as_dict(),
             }
             readiness = ReadinessRecord(
-                results, nodename, os.getpid(), settings.readiness_ttl_s, fields
+                results,
+                nodename,
+                os.getpid(),
+                settings.readiness_ttl_s,
+                {**fields, **_model_fields(registry)},
             )
             readiness.publish()
             stack.callback(readiness.close)
@@ -283,20 +312,82 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
                 results, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
             )
             _process.runtime = Runtime(
-                model, batcher, settings=settings, broker=broker, deliveries=deliveries
+                registry, batcher, settings=settings, broker=broker, deliveries=deliveries
             )
             # The first step of a stop: jobs that arrive from now on go back to the queue.
             stack.callback(_withdraw_runtime)
+            # Stops (after the runtime is withdrawn) before the device thread it warms on.
+            watcher.start()
+            stack.callback(watcher.close)
+            _process.watcher = watcher
+            stack.callback(setattr, _process, "watcher", None)
 
             _process.stack = stack.pop_all()
         log.info(
-            "model ready in %.2fs on %s with %s (pid %d, %s pool)",
+            "models ready in %.2fs on %s with %s (pid %d, %s pool): %s",
             warm_s,
             device,
-            model.backend,
+            backends.current().name,
             os.getpid(),
             _Worker.pool,
+            {name: [v.version for v in vs] for name, vs in registry.served().items()},
         )
+
+
+def reload_models(*_: Any) -> None:
+    """SIGHUP: look at the model repository now (a no-op while the process does not serve)."""
+    watcher = _process.watcher
+    if watcher is not None:
+        watcher.wake()  # only sets an event: safe in a signal handler
+
+
+def install_reload_signal() -> None:
+    """Make SIGHUP reload the model repository (threads and solo pools: the serving process)."""
+    if _Worker.pool == "prefork":
+        return  # the children serve; they reload on PREDICTQ_MODEL_POLL_S
+    try:
+        signal.signal(signal.SIGHUP, reload_models)
+    except ValueError as e:  # not the main thread
+        log.warning("SIGHUP cannot reload the models (%s); they reload every poll", e)
+
+
+def _load_version(settings: Settings, found: VersionDir) -> LoadedModel:
+    model = load_model(model_file(found.path), max_batch_size=settings.max_batch_size)
+    _process.loads += 1
+    return model
+
+
+def _loaded(served: ServedVersion, *, device: str) -> None:
+    metrics.record_served(served.name, served.version, served.model, device)
+
+
+def _released(served: ServedVersion) -> None:
+    metrics.record_released(served.name, served.version)
+
+
+def _models_changed() -> None:
+    registry, readiness = _process.registry, _process.readiness
+    if registry is not None and readiness is not None:
+        readiness.update(_model_fields(registry))
+
+
+def _model_fields(registry: ModelRegistry) -> dict[str, Any]:
+    """The readiness fields that say which models and versions this process serves."""
+    served = registry.served()
+    default = registry.default_name()
+    return {
+        "loads": _process.loads,
+        # The default model's newest version (what a job without `model` gets).
+        "model": served[default][-1].model.spec.as_dict() if default else None,
+        "default_model": default,
+        "models": {
+            name: {
+                "versions": [v.version for v in versions],
+                "spec": versions[-1].model.spec.as_dict(),
+            }
+            for name, versions in served.items()
+        },
+    }
 
 
 def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
@@ -313,7 +404,7 @@ def _withdraw_runtime() -> None:
 
 
 @contextmanager
-def _device_thread(model: LoadedModel, settings: Settings) -> Iterator[Batcher]:
+def _device_thread(settings: Settings) -> Iterator[Batcher]:
     """The batcher's device thread and its watchdog: started together, stopped together.
 
     On exit the queued batches are finished (the jobs still running wait for
@@ -321,7 +412,6 @@ def _device_thread(model: LoadedModel, settings: Settings) -> Iterator[Batcher]:
     drain is not taken for a hung device.
     """
     batcher = Batcher(
-        model,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         on_batch=metrics.record_batch,

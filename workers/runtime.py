@@ -1,12 +1,14 @@
-"""One job through a worker process: input, poison-job guard, batcher, output.
+"""One job through a worker process: model version, input, poison-job guard, batcher, output.
 
 The task (workers/tasks.py) calls ``Runtime.predict`` on its own pool thread.
 Every Redis round trip a job needs (its input, when it travelled by reference;
 the attempt count of a redelivered job) happens here, on that thread, before
 the job is handed to the batcher or after its result is back: the batcher's
 device thread only computes, so a slow Redis delays the jobs that need it and
-no others. workers/lifecycle.py builds the runtime when the process starts
-serving and takes it down when it stops.
+no others. The job holds its model version (a registry lease) from validation
+until its outputs are back, so a version retired meanwhile finishes it first.
+workers/lifecycle.py builds the runtime when the process starts serving and
+takes it down when it stops.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import redis
 
 from predictq import payloads
 from predictq.errors import PredictqError, Requeue
+from predictq.modelref import DEFAULT_REF, ModelRef
 from predictq.settings import Settings
 from workers.batcher import Array, Batcher
 from workers.deliveries import DeliveryTracker
-from workers.model import LoadedModel
+from workers.registry import ModelRegistry, ServedVersion
 from workers.validation import validate
 
 log = logging.getLogger(__name__)
@@ -37,19 +40,27 @@ class JobContext:
     deadline: float | None  # time.monotonic() instant
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A job's outputs (in the model's own structure) and the version that computed them."""
+
+    outputs: object
+    version: int
+
+
 class Runtime:
-    """A loaded model serving predictions through one batcher."""
+    """The process's model versions serving predictions through one batcher."""
 
     def __init__(
         self,
-        model: LoadedModel,
+        registry: ModelRegistry,
         batcher: Batcher,
         *,
         settings: Settings,
         broker: redis.Redis,
         deliveries: DeliveryTracker,
     ) -> None:
-        self.model = model
+        self.registry = registry
         self.batcher = batcher
         self.settings = settings
         self._broker = broker  # referenced inputs live next to the queue
@@ -59,32 +70,42 @@ class Runtime:
         # process death is blamed on the one that ran (workers/deliveries.py).
         self._suspect = threading.Lock()
 
-    def predict(self, raw: object, job: JobContext) -> object:
-        """Validate, batch, run and restructure one job's prediction."""
-        if job.redelivered:
-            # Its worker may have died running it: count the attempt and run it
-            # alone (not announced: it never joins another job's batch).
-            outputs = self._run_suspect(self._validated(raw, job.task_id), job)
-        else:
-            with self.batcher.announce():
-                arrays = self._validated(raw, job.task_id)
-                future = self.batcher.submit(arrays, deadline=job.deadline)
-            outputs = future.result()
-        return self.model.spec.structure_outputs(outputs)
+    def predict(self, raw: object, job: JobContext, ref: ModelRef = DEFAULT_REF) -> Prediction:
+        """Validate, batch, run and restructure one job's prediction on ``ref``'s version.
 
-    def _validated(self, raw: object, task_id: str) -> list[Array]:
+        Raises ``UnknownModel`` if this process does not serve that model or version.
+        """
+        with self.registry.lease(ref) as served:
+            if job.redelivered:
+                # Its worker may have died running it: count the attempt and run it
+                # alone (not announced: it never joins another job's batch).
+                outputs = self._run_suspect(self._validated(raw, job.task_id, served), job, served)
+            else:
+                with self.batcher.announce():
+                    arrays = self._validated(raw, job.task_id, served)
+                    future = self.batcher.submit(
+                        arrays, deadline=job.deadline, run=served, labels=served.labels
+                    )
+                outputs = future.result()
+            return Prediction(served.model.spec.structure_outputs(outputs), served.version)
+
+    def _validated(self, raw: object, task_id: str, served: ServedVersion) -> list[Array]:
         return validate(
             self._resolve(raw, task_id),
-            self.model.spec,
+            served.model.spec,
             allow_nonfinite=self.settings.allow_nonfinite,
             max_job_samples=self.settings.max_job_samples,
         )
 
-    def _run_suspect(self, arrays: list[Array], job: JobContext) -> list[Array]:
+    def _run_suspect(
+        self, arrays: list[Array], job: JobContext, served: ServedVersion
+    ) -> list[Array]:
         with self._suspect:
             self._deliveries.count_attempt(job.task_id)
             try:
-                future = self.batcher.submit(arrays, deadline=job.deadline, isolated=True)
+                future = self.batcher.submit(
+                    arrays, deadline=job.deadline, isolated=True, run=served, labels=served.labels
+                )
                 return future.result()
             finally:
                 # Back on this thread, so this process survived the job (or it
