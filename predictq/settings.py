@@ -281,7 +281,7 @@ class Settings:
                 _require(math.isfinite(value), f.name, value, "a finite number")
         _require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "integer >= 1")
         _require(
-            self.model_path is None or self.model_repository is None,
+            not self.model_path or not self.model_repository,
             "model_repository",
             self.model_repository,
             "unset when PREDICTQ_MODEL_PATH is set (a model path is a repository of one model)",

@@ -94,8 +94,10 @@ def worker(
     if model_path:
         env["PREDICTQ_MODEL_PATH"] = model_path
     settings = Settings.from_env(env)
-    if not settings.model_path:
-        raise click.UsageError("no model: pass --model or set PREDICTQ_MODEL_PATH")
+    if not settings.model_path and not settings.model_repository:
+        raise click.UsageError(
+            "no model: pass --model, or set PREDICTQ_MODEL_PATH or PREDICTQ_MODEL_REPOSITORY"
+        )
     argv = [
         *_CELERY,
         "worker",

@@ -43,12 +43,14 @@ from predictq.errors import (
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
+from predictq.modelref import DEFAULT_REF, ModelRef, job_model
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
 from producer.aio import SubmitPool
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
+from producer.models import ServedModels
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 from producer.wire import JobInput
@@ -118,7 +120,9 @@ class PredictionClient:
         )
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
-        self._unfinished: dict[str, tuple[JobInput, datetime | None, str]] = {}
+        self._unfinished: dict[str, tuple[JobInput, datetime | None, str, ModelRef]] = {}
+        # Which models the serving workers have loaded (UnknownModel before sending).
+        self._served_models = ServedModels(self._results, self.settings.queue)
         self._recovery = LostJobRecovery(
             self._broker,
             queue_keys(self.settings.queue),
@@ -134,15 +138,27 @@ class PredictionClient:
 
     # --- submitting ------------------------------------------------------------
 
-    def submit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+    def submit(
+        self,
+        inputs: object,
+        *,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
+    ) -> Job:
         """Send one job and return at once; ``job.get()`` waits for its result.
 
         ``inputs``: one array (single-input models), a list of arrays in input
         order, or a dict by input name; the first dimension is the batch.
         ``deadline_s``: if the job is still queued after this many seconds it is
         not run, and ``get`` raises ``DeadlineExceeded``.
+        ``model``: the model's name (default: the workers' default model);
+        ``version``: pin a version (default: the newest loaded). Raises
+        ``UnknownModel`` at once if the serving workers do not have it;
+        ``job.model_version`` says which version computed the result.
         """
-        return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None)
+        ref = _model_ref(model, version)
+        return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref)
 
     def _submit(
         self,
@@ -151,11 +167,13 @@ class PredictionClient:
         deadline_s: float | None,
         rows: slice | None,
         task: str = PREDICT_TASK,
+        ref: ModelRef = DEFAULT_REF,
     ) -> Job:
         if self._closed:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
         self._check_size(job_input)
+        self._served_models.check(ref)
         self._check_queue_length()
         if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
             raise TooManyInFlight(
@@ -166,12 +184,12 @@ class PredictionClient:
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         try:
-            self._publish(job_id, job_input, expires, task)
+            self._publish(job_id, job_input, expires, task, ref)
         except BaseException:
             self._collector.forget(job_id)
             self._slots.release()
             raise
-        self._unfinished[job_id] = (job_input, expires, task)
+        self._unfinished[job_id] = (job_input, expires, task, ref)
         self._recovery.track(job_id)
         future.add_done_callback(lambda _f: self._finished(job_id))
         return self._job(job_id, future, rows)
@@ -211,7 +229,12 @@ class PredictionClient:
             self._publish(job_id, *entry)
 
     def _publish(
-        self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
+        self,
+        job_id: str,
+        job_input: JobInput,
+        expires: datetime | None,
+        task: str = PREDICT_TASK,
+        ref: ModelRef = DEFAULT_REF,
     ) -> None:
         # Above inline_payload_bytes the input travels by reference (predictq/payloads.py).
         payload = None
@@ -227,6 +250,7 @@ class PredictionClient:
             expires=expires,
             headers={SENT_AT_HEADER: time.time()},
             argsrepr=job_input.summary,
+            kwargs=ref.as_kwargs(),
         )
         self._retrying(lambda: self._publisher.publish(raw, payload))
 
@@ -249,7 +273,13 @@ class PredictionClient:
                 delay_s = min(delay_s * 2, 1.0)
 
     def predict(
-        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+        self,
+        inputs: object,
+        *,
+        timeout: float | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """Submit one job and wait for its result (``submit(...).get(timeout)``).
 
@@ -257,7 +287,7 @@ class PredictionClient:
         once; the caller has no handle to wait on it again), like ``apredict``.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = self.submit(inputs, deadline_s=deadline_s)
+        job = self.submit(inputs, deadline_s=deadline_s, model=model, version=version)
         try:
             return job.get(timeout)
         except ResultTimeout:
@@ -270,7 +300,14 @@ class PredictionClient:
 
     # --- asyncio ---------------------------------------------------------------
 
-    async def asubmit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+    async def asubmit(
+        self,
+        inputs: object,
+        *,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
+    ) -> Job:
         """``submit`` for asyncio code: ``job = await client.asubmit(x)``, then ``await job``.
 
         The submit (input checks, Redis I/O, waiting for an in-flight slot) runs
@@ -279,11 +316,19 @@ class PredictionClient:
         """
         if self._closed:
             raise PredictqError("the client is closed")
-        submit = functools.partial(self.submit, inputs, deadline_s=deadline_s)
+        submit = functools.partial(
+            self.submit, inputs, deadline_s=deadline_s, model=model, version=version
+        )
         return await self._submit_pool.run(submit, abandoned=Job.forget)
 
     async def apredict(
-        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+        self,
+        inputs: object,
+        *,
+        timeout: float | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """``predict`` for asyncio code: ``await client.apredict(x, timeout=30)``.
 
@@ -292,7 +337,7 @@ class PredictionClient:
         is freed at once, though the job itself may still run on a worker.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = await self.asubmit(inputs, deadline_s=deadline_s)
+        job = await self.asubmit(inputs, deadline_s=deadline_s, model=model, version=version)
         try:
             return await job.aget(timeout)
         except ResultTimeout:
@@ -347,6 +392,8 @@ class PredictionClient:
         chunk_size: int = 4096,
         deadline_s: float | None = None,
         window: int = 8,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Iterator[Job]:
         """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``), in order.
 
@@ -355,7 +402,9 @@ class PredictionClient:
         collects the handles submits everything (up to ``max_in_flight``).
         """
         return bulk.submit_chunks(
-            functools.partial(self._submit, deadline_s=deadline_s),
+            functools.partial(
+                self._submit, deadline_s=deadline_s, ref=_model_ref(model, version)
+            ),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=window,
@@ -369,6 +418,8 @@ class PredictionClient:
         progress: bool = False,
         timeout: float | None = None,
         max_in_flight: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """Predict a large input in chunk jobs; outputs come back in the input's order.
 
@@ -379,7 +430,7 @@ class PredictionClient:
         check_timeout("timeout", timeout)
         cap = self.settings.max_in_flight
         return bulk.predict_chunks(
-            functools.partial(self._submit, deadline_s=None),
+            functools.partial(self._submit, deadline_s=None, ref=_model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=max(1, min(max_in_flight or cap, cap)),
@@ -410,3 +461,8 @@ class PredictionClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _model_ref(model: str | None, version: int | None) -> ModelRef:
+    # The same check a worker makes on the job's kwargs (predictq/modelref.py).
+    return job_model({"model": model, "version": version}, where="submit")

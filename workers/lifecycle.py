@@ -288,6 +288,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
 
             fields = {
                 "pool": _Worker.pool,
+                "queue": settings.queue,
                 "warm": True,
                 "device": device,
                 "backend": backends.current().name,
