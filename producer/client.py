@@ -402,9 +402,7 @@ class PredictionClient:
         collects the handles submits everything (up to ``max_in_flight``).
         """
         return bulk.submit_chunks(
-            functools.partial(
-                self._submit, deadline_s=deadline_s, ref=_model_ref(model, version)
-            ),
+            functools.partial(self._submit, deadline_s=deadline_s, ref=_model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=window,
