@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,13 +56,11 @@ from predictq.errors import (
     Requeue,
 )
 from workers.arrivals import ArrivalTracker
+from workers.pieces import Array, Piece, Request, RunFn
 
 __all__ = ["Array", "BatchStats", "Batcher"]
 
 log = logging.getLogger(__name__)
-
-Array = np.ndarray[Any, Any]
-RunFn = Callable[[list[Array]], list[Array]]
 
 
 @dataclass(frozen=True)
@@ -75,64 +73,6 @@ class BatchStats:
     oldest_wait_s: float
     #: What the submitter labelled the batch's requests with (model name, version).
     labels: tuple[str, str] = ("", "")
-
-
-class _Request:
-    """One submitted job: its future and the outputs of its pieces, by sample offset."""
-
-    def __init__(self, n: int, deadline: float | None) -> None:
-        self.future: Future[list[Array]] = Future()
-        self.n = n
-        self.deadline = deadline
-        self.submitted_at = time.monotonic()
-        self._parts: dict[int, list[Array]] = {}
-        self._received = 0
-
-    def deliver(self, offset: int, outputs: list[Array]) -> None:
-        if self.future.done():
-            return
-        self._parts[offset] = outputs
-        self._received += outputs[0].shape[0]
-        if self._received < self.n:
-            return
-        ordered = [self._parts[k] for k in sorted(self._parts)]
-        if len(ordered) == 1:
-            self.future.set_result(ordered[0])
-        else:
-            self.future.set_result([np.concatenate(cols) for cols in zip(*ordered, strict=True)])
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-@dataclass
-class _Piece:
-    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
-
-    request: _Request
-    offset: int
-    inputs: list[Array]
-    isolated: bool
-    run: RunFn
-    labels: tuple[str, str]
-    signature: tuple[tuple[int, ...], ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.signature = tuple(a.shape[1:] for a in self.inputs)
-
-    @property
-    def n(self) -> int:
-        return int(self.inputs[0].shape[0])
-
-    def halves(self) -> tuple[_Piece, _Piece]:
-        k = self.n // 2
-        first = [a[:k] for a in self.inputs]
-        rest = [a[k:] for a in self.inputs]
-        return (
-            _Piece(self.request, self.offset, first, self.isolated, self.run, self.labels),
-            _Piece(self.request, self.offset + k, rest, self.isolated, self.run, self.labels),
-        )
 
 
 class Batcher:
@@ -166,7 +106,7 @@ class Batcher:
         # it only on the device thread, so after close() + join() nothing can
         # be left pending.
         self._cond = threading.Condition()
-        self._queue: deque[_Piece] = deque()
+        self._queue: deque[Piece] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._incoming = 0
         self._closed = False
@@ -236,9 +176,9 @@ class Batcher:
             raise ValueError("submit: this batcher has no default model; pass run=")
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
-        request = _Request(n, deadline)
+        request = Request(n, deadline)
         pieces = [
-            _Piece(
+            Piece(
                 request, start, [a[start : start + self._max] for a in arrays], isolated, fn, labels
             )
             for start in range(0, n, self._max)
@@ -286,7 +226,7 @@ class Batcher:
     # --- device thread ---------------------------------------------------------
 
     def _loop(self) -> None:
-        batch: list[_Piece] = []
+        batch: list[Piece] = []
         try:
             while True:
                 self._run_tasks()
@@ -342,7 +282,7 @@ class Batcher:
             finally:
                 self._call_started = None
 
-    def _next_batch(self) -> list[_Piece] | None:
+    def _next_batch(self) -> list[Piece] | None:
         """Block for the first piece, then fill; empty when a device task arrived first,
         None once closed and drained."""
         with self._cond:
@@ -370,10 +310,10 @@ class Batcher:
                     self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
 
-    def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
+    def _take_compatible(self, batch: list[Piece], samples: int) -> int:
         """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
         signature, run = batch[0].signature, batch[0].run
-        kept: deque[_Piece] = deque()
+        kept: deque[Piece] = deque()
         while self._queue:
             piece = self._queue.popleft()
             if piece.isolated or piece.run is not run or piece.signature != signature:
@@ -389,7 +329,7 @@ class Batcher:
         self._queue = kept
         return samples
 
-    def _run_batch(self, batch: list[_Piece]) -> None:
+    def _run_batch(self, batch: list[Piece]) -> None:
         now = time.monotonic()
         live = []
         for piece in batch:
@@ -403,7 +343,7 @@ class Batcher:
         if live:
             self._execute(live)
 
-    def _execute(self, pieces: list[_Piece]) -> None:
+    def _execute(self, pieces: list[Piece]) -> None:
         try:
             outputs = self._call(pieces)
         except DeviceOutOfMemory as e:
@@ -426,10 +366,10 @@ class Batcher:
         for piece, outs in zip(pieces, outputs, strict=True):
             piece.request.deliver(piece.offset, outs)
 
-    def _on_oom(self, pieces: list[_Piece], error: DeviceOutOfMemory) -> None:
+    def _on_oom(self, pieces: list[Piece], error: DeviceOutOfMemory) -> None:
         if len(pieces) > 1:
             mid = len(pieces) // 2
-            halves: tuple[list[_Piece], ...] = (pieces[:mid], pieces[mid:])
+            halves: tuple[list[Piece], ...] = (pieces[:mid], pieces[mid:])
         elif pieces[0].n > 1:
             halves = tuple([h] for h in pieces[0].halves())
         else:
@@ -443,7 +383,7 @@ class Batcher:
         for half in halves:
             self._execute(half)
 
-    def _call(self, pieces: list[_Piece]) -> list[list[Array]]:
+    def _call(self, pieces: list[Piece]) -> list[list[Array]]:
         """One device call for ``pieces``; the outputs split back per piece."""
         if len(pieces) == 1:
             inputs = pieces[0].inputs

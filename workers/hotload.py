@@ -29,13 +29,11 @@ from collections.abc import Callable
 from predictq.errors import ModelLoadError
 from predictq.settings import Settings
 from workers import metrics
-from workers.model import LoadedModel
+from workers.model import LoadedModel, load_model
 from workers.registry import ModelRegistry, ServedVersion
-from workers.repository import VersionDir, scan
+from workers.repository import VersionDir, model_file, scan
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[VersionDir], LoadedModel]
 
 
 class RepositoryWatcher:
@@ -46,14 +44,14 @@ class RepositoryWatcher:
         settings: Settings,
         registry: ModelRegistry,
         *,
-        load: Loader,
         warm: Callable[[LoadedModel], None],
         on_loaded: Callable[[ServedVersion], None] | None = None,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
-        self._load_fn = load
+        #: Versions loaded by this process so far (a version loads once).
+        self.loads = 0
         self._warm = warm
         self._on_loaded = on_loaded
         self._on_change = on_change
@@ -125,7 +123,8 @@ class RepositoryWatcher:
         name, version = found.name, found.version
         started = time.monotonic()
         try:
-            model = self._load_fn(found)
+            model = load_model(model_file(found.path), max_batch_size=self._settings.max_batch_size)
+            self.loads += 1
             self._warm(model)
         except Exception as e:
             self._failed[found.path] = found.stamp

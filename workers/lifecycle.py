@@ -44,8 +44,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from wsgiref.simple_server import WSGIServer
@@ -56,19 +55,18 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadsPool
 
-from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, PredictionError, Requeue
+from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, Requeue
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_from_url
 from predictq.settings import Settings, mask_url
 from workers import backends, metrics
 from workers.app import worker_settings
-from workers.batcher import Batcher
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
+from workers.devicethread import device_thread
 from workers.hotload import RepositoryWatcher
-from workers.model import LoadedModel, import_model_modules, load_model
+from workers.model import import_model_modules
 from workers.registry import ModelRegistry, ServedVersion
-from workers.repository import VersionDir, model_file
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -101,7 +99,6 @@ class _Process:
         self.registry: ModelRegistry | None = None
         self.watcher: RepositoryWatcher | None = None
         self.stopped = False
-        self.loads = 0  # model version loads in this process: one per version
 
 
 _process = _Process()
@@ -254,12 +251,11 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             broker = stack.enter_context(closing(client_from_url(settings.broker_url)))
             # One device thread for every model of the process: the device
             # invariant (one call at a time, workers/batcher.py) holds across models.
-            batcher = stack.enter_context(_device_thread(settings))
+            batcher = stack.enter_context(device_thread(settings, on_failure=_cannot_serve))
             registry = ModelRegistry(on_release=_released)
             watcher = RepositoryWatcher(
                 settings,
                 registry,
-                load=functools.partial(_load_version, settings),
                 # One inference per batch shape the backend compiles for, on the
                 # device thread: single jobs and full batches (TensorFlow traces
                 # once, its function is batch-polymorphic), or every batch-size
@@ -302,7 +298,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
                 nodename,
                 os.getpid(),
                 settings.readiness_ttl_s,
-                {**fields, **_model_fields(registry)},
+                {**fields, "loads": watcher.loads, **registry.describe()},
             )
             readiness.publish()
             stack.callback(readiness.close)
@@ -318,10 +314,10 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             # The first step of a stop: jobs that arrive from now on go back to the queue.
             stack.callback(_withdraw_runtime)
             # Stops (after the runtime is withdrawn) before the device thread it warms on.
-            watcher.start()
-            stack.callback(watcher.close)
             _process.watcher = watcher
             stack.callback(setattr, _process, "watcher", None)
+            watcher.start()
+            stack.callback(watcher.close)
 
             _process.stack = stack.pop_all()
         log.info(
@@ -352,12 +348,6 @@ def install_reload_signal() -> None:
         log.warning("SIGHUP cannot reload the models (%s); they reload every poll", e)
 
 
-def _load_version(settings: Settings, found: VersionDir) -> LoadedModel:
-    model = load_model(model_file(found.path), max_batch_size=settings.max_batch_size)
-    _process.loads += 1
-    return model
-
-
 def _loaded(served: ServedVersion, *, device: str) -> None:
     metrics.record_served(served.name, served.version, served.model, device)
 
@@ -367,28 +357,9 @@ def _released(served: ServedVersion) -> None:
 
 
 def _models_changed() -> None:
-    registry, readiness = _process.registry, _process.readiness
-    if registry is not None and readiness is not None:
-        readiness.update(_model_fields(registry))
-
-
-def _model_fields(registry: ModelRegistry) -> dict[str, Any]:
-    """The readiness fields that say which models and versions this process serves."""
-    served = registry.served()
-    default = registry.default_name()
-    return {
-        "loads": _process.loads,
-        # The default model's newest version (what a job without `model` gets).
-        "model": served[default][-1].model.spec.as_dict() if default else None,
-        "default_model": default,
-        "models": {
-            name: {
-                "versions": [v.version for v in versions],
-                "spec": versions[-1].model.spec.as_dict(),
-            }
-            for name, versions in served.items()
-        },
-    }
+    registry, readiness, watcher = _process.registry, _process.readiness, _process.watcher
+    if registry is not None and readiness is not None and watcher is not None:
+        readiness.update({"loads": watcher.loads, **registry.describe()})
 
 
 def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
@@ -402,67 +373,6 @@ def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
 def _withdraw_runtime() -> None:
     _process.stopped = True
     _process.runtime = None
-
-
-@contextmanager
-def _device_thread(settings: Settings) -> Iterator[Batcher]:
-    """The batcher's device thread and its watchdog: started together, stopped together.
-
-    On exit the queued batches are finished (the jobs still running wait for
-    them) within ``shutdown_timeout_s``; the watchdog stops first, so a slow
-    drain is not taken for a hung device.
-    """
-    batcher = Batcher(
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        on_batch=metrics.record_batch,
-        on_isolate=metrics.record_isolation,
-    )
-    batcher.start()
-    stop = threading.Event()
-    watchdog = threading.Thread(
-        target=_watch,
-        args=(batcher, stop, settings.device_timeout_s),
-        name="predictq-device-watch",
-        daemon=True,
-    )
-    watchdog.start()
-    try:
-        yield batcher
-    finally:
-        stop.set()
-        if not batcher.close(settings.shutdown_timeout_s):
-            log.error("device thread did not finish within %.0fs", settings.shutdown_timeout_s)
-        watchdog.join(_WATCH_INTERVAL_S + 1)
-
-
-#: The longest the watchdog waits between two looks at a running device call.
-_WATCH_INTERVAL_S = 1.0
-
-
-def _watch(batcher: Batcher, stop: threading.Event, limit_s: float) -> None:
-    """Stop serving if the device thread dies, or if one device call runs past ``limit_s``.
-
-    A dead device thread serves nothing, and a device call that never returns (a
-    wedged GPU, a deadlocked native op) holds every job of this process forever
-    while its readiness record still says "ready". Either way the process stops
-    serving; its unacknowledged jobs are redelivered, and one that hangs every
-    time it runs ends as a poison job.
-    """
-    while not batcher.wait_ended(min(_WATCH_INTERVAL_S, limit_s / 4)):
-        running_s = batcher.call_running_s(time.monotonic())
-        if running_s > limit_s and not stop.is_set():
-            _cannot_serve(
-                PredictionError(
-                    f"a device call has run for {running_s:.0f}s, over "
-                    f"PREDICTQ_DEVICE_TIMEOUT_S={limit_s:g}: the device is hung"
-                )
-            )
-            return
-        if stop.is_set():
-            return
-    if batcher.crash is not None and not stop.is_set():
-        _cannot_serve(batcher.crash)
 
 
 def _cannot_serve(error: BaseException) -> None:

@@ -128,6 +128,25 @@ class ModelRegistry:
         with self._lock:
             return list(self._retiring.values())
 
+    def describe(self) -> dict[str, Any]:
+        """What this process serves, for its readiness record (and so for producers)."""
+        with self._lock:
+            default = self._default_name()
+            routing = {name: dict(versions) for name, versions in self._routing.items()}
+        models = {}
+        for name in sorted(routing):
+            versions = [routing[name][v] for v in sorted(routing[name])]
+            models[name] = {
+                "versions": [v.version for v in versions],
+                "spec": versions[-1].model.spec.as_dict(),
+            }
+        return {
+            # The default model's newest version (what a job without `model` gets).
+            "model": models[default]["spec"] if default else None,
+            "default_model": default,
+            "models": models,
+        }
+
     def default_name(self) -> str | None:
         """The model a job without ``model`` gets: ``default`` if served, else the only one."""
         with self._lock:
