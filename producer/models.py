@@ -35,18 +35,18 @@ class ServedModels:
         self._lock = threading.Lock()  # one refresh at a time; guards the two fields below
         self._read_at = -float("inf")
         self._records: list[dict[str, Any]] = []
+        # The answer per reference for the records read last (a submit costs a dict lookup).
+        self._answers: dict[ModelRef, str | None] = {}
 
     def check(self, ref: ModelRef) -> None:
         """Raise ``UnknownModel`` if workers are up and none of them serves ``ref``."""
-        records = self._current(fresh=False)
-        if not records or _problem(records, ref) is None:
+        if self._problem(ref, fresh=False) is None:
             return
-        records = self._current(fresh=True)
-        problem = _problem(records, ref) if records else None
+        problem = self._problem(ref, fresh=True)
         if problem is not None:
             raise UnknownModel(problem)
 
-    def _current(self, *, fresh: bool) -> list[dict[str, Any]]:
+    def _problem(self, ref: ModelRef, *, fresh: bool) -> str | None:
         with self._lock:
             now = time.monotonic()
             if fresh or now - self._read_at > self._cache_s:
@@ -54,14 +54,19 @@ class ServedModels:
                     records = serving_records(self._client)
                 except (redis.ConnectionError, redis.TimeoutError):
                     # Cannot look: let the job go; the worker checks it anyway.
-                    return []
+                    return None
                 self._records = [r for r in records if r.get("queue", self._queue) == self._queue]
                 self._read_at = now
-            return self._records
+                self._answers = {}
+            if ref not in self._answers:
+                self._answers[ref] = _problem(self._records, ref)
+            return self._answers[ref]
 
 
 def _problem(records: list[dict[str, Any]], ref: ModelRef) -> str | None:
-    """Why no record serves ``ref``, or None if one does."""
+    """Why no record serves ``ref``, or None if one does (or nothing can be known)."""
+    if not records or any("models" not in r for r in records):
+        return None  # no worker up, or one older than model repositories: cannot tell
     models: dict[str, set[int]] = {}
     defaults: set[str] = set()
     for record in records:
