@@ -160,3 +160,28 @@ def test_a_device_task_that_fails_fails_alone(batcher: Batcher) -> None:
     version = served("a", 1, 3.0)
     out = batcher.submit([np.ones((2, 2), np.float32)], run=version).result(5)
     assert np.array_equal(out[0], np.full((2, 2), 3.0, np.float32))
+
+
+# --- the producer's view: readiness records -> UnknownModel ---------------------------
+
+
+def record(models: dict[str, list[int]], default: str | None) -> dict[str, Any]:
+    return {
+        "models": {n: {"versions": v, "spec": {}} for n, v in models.items()},
+        "default_model": default,
+    }
+
+
+def test_the_producer_refuses_only_what_no_serving_worker_has() -> None:
+    from producer.models import _problem
+
+    records = [record({"a": [1, 2]}, "a"), record({"a": [2, 3], "b": [1]}, None)]
+    assert _problem(records, ModelRef("a", 3)) is None  # one worker has it
+    assert _problem(records, ModelRef()) is None  # a default exists
+    assert _problem(records, ModelRef(None, 1)) is None  # the default model's version 1
+    assert "received 'c'" in str(_problem(records, ModelRef("c")))
+    assert "received version 4" in str(_problem(records, ModelRef("a", 4)))
+    assert "none of them is a default" in str(_problem(records[1:], ModelRef()))
+    # Nothing to tell: no worker up, or one that predates model repositories.
+    assert _problem([], ModelRef("c")) is None
+    assert _problem([*records, {"model": {}}], ModelRef("c")) is None
