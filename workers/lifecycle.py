@@ -238,8 +238,8 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             return
         if not settings.model_path and not settings.model_repository:
             raise ConfigError(
-                "PREDICTQ_MODEL_REPOSITORY (a directory of <name>/<version>/) or "
-                "PREDICTQ_MODEL_PATH (one model) must name what to serve, got nothing"
+                "PREDICTQ_MODEL_PATH must name the model to serve (or PREDICTQ_MODEL_REPOSITORY "
+                "a directory of <name>/<version>/ models), got nothing"
             )
         with ExitStack() as stack:
             started = time.monotonic()
@@ -305,6 +305,12 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             _process.readiness = readiness
             stack.callback(setattr, _process, "readiness", None)
 
+            # Hot loading from now on; it stops before the device thread it warms on.
+            _process.watcher = watcher
+            stack.callback(setattr, _process, "watcher", None)
+            watcher.start()
+            stack.callback(watcher.close)
+
             deliveries = DeliveryTracker(
                 results, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
             )
@@ -313,11 +319,6 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             )
             # The first step of a stop: jobs that arrive from now on go back to the queue.
             stack.callback(_withdraw_runtime)
-            # Stops (after the runtime is withdrawn) before the device thread it warms on.
-            _process.watcher = watcher
-            stack.callback(setattr, _process, "watcher", None)
-            watcher.start()
-            stack.callback(watcher.close)
 
             _process.stack = stack.pop_all()
         log.info(
