@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -33,6 +34,7 @@ from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient, UnknownModel
 from tests.support import models
 from tests.support.cluster import client_on, worker_on
+from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
@@ -147,6 +149,22 @@ def test_two_models_with_different_input_shapes_are_served_by_one_process(
     # Per-model metrics.
     assert metric(worker, "predictq_model_loads_total", model="b", version="1") == 1
     assert metric(worker, "predictq_batch_size_samples_count", model="b", version="1") >= 1
+
+
+def test_health_and_info_list_every_model_and_its_loaded_versions(
+    worker: WorkerProcess, server: RedisServer
+) -> None:
+    env = clean_env(PREDICTQ_BROKER_URL=server.url(0), PREDICTQ_RESULT_BACKEND=server.url(1))
+    health = run_cli("health", "--any", "-v", env=env)
+    assert health.returncode == 0, health.stderr
+    assert re.search(
+        r"^w\d+@\S+ pid \d+: threads pool on cpu, models a \[1\], b \[1\], s \[\d\]",
+        health.stdout,
+        re.M,
+    ), health.stdout
+    info = run_cli("info", env=env)
+    assert info.returncode == 0, info.stderr
+    assert f"  b: versions [1], inputs ['x: float32 [None, {B_FEATURES}]']" in info.stdout
 
 
 def test_unknown_model_and_unloaded_version_fail_fast_at_the_producer_and_the_worker(
