@@ -20,6 +20,7 @@ on its own thread every ``PREDICTQ_MODEL_POLL_S`` and at once on ``wake()``
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -29,11 +30,25 @@ from collections.abc import Callable
 from predictq.errors import ModelLoadError
 from predictq.settings import Settings
 from workers import metrics
+from workers.batcher import Batcher
 from workers.model import LoadedModel, load_model
 from workers.registry import ModelRegistry, ServedVersion
 from workers.repository import VersionDir, model_file, scan
 
 log = logging.getLogger(__name__)
+
+
+def warm_on_device(batcher: Batcher, model: LoadedModel) -> None:
+    """One inference per batch shape the backend compiles for, each its own device call.
+
+    Single jobs and full batches (TensorFlow traces once, its function is
+    batch-polymorphic), or every batch-size bucket (JAX). This also fails fast if
+    a full batch does not fit. On the device thread, between batches: the
+    versions already serving keep their turns between two warm-up calls (a JAX
+    compile of one bucket is the longest pause a hot load adds).
+    """
+    for size in model.warm_sizes:
+        batcher.on_device(functools.partial(model.warm_up, [size])).result()
 
 
 class RepositoryWatcher:

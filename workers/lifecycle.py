@@ -64,7 +64,7 @@ from workers.app import worker_settings
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
 from workers.devicethread import device_thread
-from workers.hotload import RepositoryWatcher
+from workers.hotload import RepositoryWatcher, warm_on_device
 from workers.model import import_model_modules
 from workers.registry import ModelRegistry, ServedVersion
 from workers.runtime import Runtime
@@ -256,11 +256,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
             watcher = RepositoryWatcher(
                 settings,
                 registry,
-                # One inference per batch shape the backend compiles for, on the
-                # device thread: single jobs and full batches (TensorFlow traces
-                # once, its function is batch-polymorphic), or every batch-size
-                # bucket (JAX). This also fails fast if a full batch does not fit.
-                warm=lambda model: batcher.on_device(model.warm_up).result(),
+                warm=functools.partial(warm_on_device, batcher),
                 on_loaded=functools.partial(_loaded, device=device),
                 on_change=_models_changed,
             )
