@@ -144,7 +144,9 @@ class Coalescer(Generic[T]):
         self._unanswered = 0
         self._closed = False
         self._releaser: threading.Thread | None = None
-        #: Messages published, jobs in them, and jobs that were held (tests, benchmark).
+        # A batch taken by _answered for the release thread to lead (_busy is set).
+        self._orphan: list[Ticket[T]] | None = None
+        #: Messages published, jobs in them, and jobs held when submitted (tests, benchmark).
         self.messages = 0
         self.jobs = 0
         self.held = 0
@@ -229,8 +231,9 @@ class Coalescer(Generic[T]):
                 batch = self._take() if self._ready(time.monotonic()) else []
                 if not batch:
                     self._busy = False
-                    if self._queue:
-                        self._cond.notify()  # held tickets: the release thread takes over
+                    if self._queue:  # held tickets: the release thread times their hold
+                        self._start_releaser()
+                        self._cond.notify()
                     return
             if self._hand_over(batch):
                 return
@@ -292,6 +295,9 @@ class Coalescer(Generic[T]):
         while True:
             with self._cond:
                 while True:
+                    if self._orphan is not None:
+                        batch, self._orphan = self._orphan, None
+                        break
                     if self._closed:
                         return
                     now = time.monotonic()
@@ -311,14 +317,29 @@ class Coalescer(Generic[T]):
                     log.exception("releasing held jobs failed")
 
     def _answered(self, message: _Message, _future: Future[Any]) -> None:
-        """A result of ``message`` arrived (or its caller forgot it): it is answered."""
+        """A result of ``message`` arrived (or its caller forgot it): it is answered.
+
+        Runs on the collector thread (or a thread that forgets a job). Held jobs
+        go now: their batch is handed straight to one of their waiting threads
+        (a thread switch less than through the release thread, which counts
+        under a busy GIL); a batch of asyncio jobs only, to the release thread,
+        so that this thread never publishes.
+        """
         with self._cond:
             if message.answered:
                 return
             message.answered = True
             self._unanswered -= 1
-            if self._queue and not self._busy:
+            if self._busy or not self._ready(time.monotonic()):
+                return
+            self._busy = True
+            batch = self._take()
+            if not any(t.waiting for t in batch):
+                self._orphan = batch
+                self._start_releaser()
                 self._cond.notify()
+                return
+        self._hand_over(batch)
 
     def _send_batch(self, batch: list[Ticket[T]]) -> None:
         error: BaseException | None = None

@@ -137,6 +137,28 @@ def test_held_jobs_go_after_the_hold_limit_when_no_answer_comes() -> None:
     assert 0.2 <= waited_s < 2.0, waited_s
 
 
+def test_a_job_queued_behind_a_publish_and_left_held_goes_at_the_hold_limit() -> None:
+    send = Recorder()
+    publishing, finish = threading.Event(), threading.Event()
+
+    def slow_first(items: list[int]) -> None:
+        if items == [0]:
+            publishing.set()
+            assert finish.wait(10)
+        send(items)
+
+    coalescer = Coalescer(slow_first, max_jobs=64, max_samples=100, max_bytes=1000, max_hold_s=0.2)
+    late = held_ticket(1, Future())
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(coalescer.submit, held_ticket(0, Future(), waiting=True))
+        assert publishing.wait(10)
+        coalescer.submit(late)  # queued behind the publish, not held by submit itself
+        finish.set()
+        first.result(10)
+    late.sent.result(5)  # the leader left it held: the release thread sends it
+    assert send.messages == [[0], [1]]
+
+
 def test_plain_submits_are_never_held_and_carry_held_jobs_along() -> None:
     send = Recorder()
     coalescer = coalescer_for(send)
