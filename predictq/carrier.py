@@ -6,7 +6,10 @@ that runs them (README "Coalesced messages"):
 * task ``predictq.predict_jobs``, one positional argument: a non-empty list of
   job entries;
 * an entry is a map ``{"id": <job id>, "inputs": <what predictq.predict takes,
-  a payload reference included>, "expires": <optional ISO-8601 UTC deadline>}``;
+  a payload reference included>, "expires": <optional ISO-8601 UTC deadline>,
+  "model": <optional model name>, "version": <optional pinned version>}``
+  (``model`` and ``version`` as the kwargs of ``predictq.predict``,
+  predictq/modelref.py);
 * the message header ``predictq_jobs`` lists the job ids it carries (lost-job
   recovery finds jobs by it; Flower and dead letters show it);
 * every job's result is stored under its own id, as a single-job result is.
@@ -23,11 +26,13 @@ from datetime import datetime
 from typing import Final
 
 from predictq.errors import InvalidInput
+from predictq.modelref import DEFAULT_REF, ModelRef, job_model
+from predictq.modelref import KEYS as MODEL_KEYS
 
 #: Message header: the ids of the jobs a carrier holds.
 JOBS_HEADER: Final = "predictq_jobs"
 #: Every key an entry may have; ``id`` and ``inputs`` are required.
-ENTRY_KEYS: Final = frozenset({"id", "inputs", "expires"})
+ENTRY_KEYS: Final = frozenset({"id", "inputs", "expires"}) | MODEL_KEYS
 REQUIRED_KEYS: Final = frozenset({"id", "inputs"})
 #: Most jobs one message may carry (a worker refuses more).
 MAX_JOBS: Final = 4096
@@ -47,6 +52,8 @@ class Entry:
     expires: str | None
     #: The deadline as an aware datetime, or None.
     expires_at: datetime | None
+    #: The model (and pinned version) the job asks for.
+    ref: ModelRef = DEFAULT_REF
 
 
 def entry_id(raw: object) -> str | None:
@@ -76,7 +83,8 @@ def parse_entry(raw: object, index: int) -> Entry:
             f"{MAX_ID_CHARS} characters, received {str(raw.get('id'))[:60]!r}"
         )
     expires = raw.get("expires")
-    return Entry(job_id, raw["inputs"], expires, _deadline(expires, where))
+    ref = job_model(raw, where=where)
+    return Entry(job_id, raw["inputs"], expires, _deadline(expires, where), ref)
 
 
 def _deadline(expires: object, where: str) -> datetime | None:
@@ -95,9 +103,11 @@ def _deadline(expires: object, where: str) -> datetime | None:
     )
 
 
-def entry(job_id: str, inputs: object, expires: datetime | None) -> dict[str, object]:
+def entry(
+    job_id: str, inputs: object, expires: datetime | None, ref: ModelRef = DEFAULT_REF
+) -> dict[str, object]:
     """An entry as the producer writes it."""
-    out: dict[str, object] = {"id": job_id, "inputs": inputs}
+    out: dict[str, object] = {"id": job_id, "inputs": inputs, **ref.as_kwargs()}
     if expires is not None:
         out["expires"] = expires.isoformat()
     return out

@@ -44,6 +44,10 @@ class InvalidMessage(InvalidInput):
     """The broker message itself was unreadable (content type, encoding, headers)."""
 
 
+class UnknownModel(InvalidInput):
+    """The job names a model, or pins a version, that the serving workers do not have."""
+
+
 class ModelNotReady(PredictqError):
     """The worker process has no loaded, warmed model yet."""
 

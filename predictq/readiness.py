@@ -58,6 +58,7 @@ class ReadinessRecord:
             "pid": pid,
             **fields,
         }
+        self._lock = threading.Lock()  # guards _fields: updated by the model watcher
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="predictq-readiness", daemon=True)
 
@@ -65,6 +66,15 @@ class ReadinessRecord:
         """Write the record now and keep it alive on a heartbeat."""
         self._write()
         self._thread.start()
+
+    def update(self, fields: dict[str, Any]) -> None:
+        """Change some fields (the models a worker serves) and write the record now."""
+        with self._lock:
+            self._fields = {**self._fields, **fields}
+        try:
+            self._write()
+        except redis.RedisError as e:
+            log.warning("readiness update failed (the next heartbeat retries): %s", e)
 
     def close(self) -> None:
         """Stop the heartbeat and delete the record (the worker is going away)."""
@@ -77,7 +87,9 @@ class ReadinessRecord:
             log.warning("could not delete readiness record %s; it expires by itself", self._key)
 
     def _write(self) -> None:
-        self._client.set(self._key, json.dumps(self._fields), px=self._ttl_ms)
+        with self._lock:
+            value = json.dumps(self._fields)
+        self._client.set(self._key, value, px=self._ttl_ms)
 
     def _beat(self) -> None:
         interval_s = self._ttl_ms / 3000

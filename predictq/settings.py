@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from predictq import sentinel
 from predictq.carrier import MAX_JOBS
 from predictq.errors import ConfigError
+from predictq.modelref import MODEL_NAME
 
 ENV_PREFIX = "PREDICTQ_"
 
@@ -71,7 +72,34 @@ class Settings:
     # --- Model -------------------------------------------------------------
     model_path: str | None = field(
         default=None,
-        metadata={"help": "Model to serve: .keras file, SavedModel directory or legacy .h5."},
+        metadata={
+            "help": "One model to serve, named `default`: a .keras file, SavedModel directory or "
+            "legacy .h5 (version 1), or a directory of numbered versions (`1/`, `2/`, ...)."
+        },
+    )
+    model_repository: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of models to serve, laid out `<name>/<version>/` (instead of "
+            "PREDICTQ_MODEL_PATH); every model in it is served."
+        },
+    )
+    model_names: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Comma-separated model names this worker serves; unset = all."},
+    )
+    model_poll_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "How often workers look for new or removed versions (SIGHUP: at once); "
+            "0 = only on SIGHUP."
+        },
+    )
+    model_keep_versions: int = field(
+        default=1,
+        metadata={
+            "help": "Newest versions of each model kept loaded (older ones can still be pinned)."
+        },
     )
     model_imports: tuple[str, ...] = field(
         default=(),
@@ -303,6 +331,31 @@ class Settings:
                 # deep inside a thread (e.g. Condition.wait(inf) -> OverflowError).
                 _require(math.isfinite(value), f.name, value, "a finite number")
         _require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "integer >= 1")
+        _require(
+            not self.model_path or not self.model_repository,
+            "model_repository",
+            self.model_repository,
+            "unset when PREDICTQ_MODEL_PATH is set (a model path is a repository of one model)",
+        )
+        for name in self.model_names:
+            _require(
+                MODEL_NAME.fullmatch(name) is not None,
+                "model_names",
+                self.model_names,
+                "names of letters, digits, '_', '-' and '.', not starting with '.'",
+            )
+        _require(
+            self.model_poll_s == 0 or self.model_poll_s >= 0.1,
+            "model_poll_s",
+            self.model_poll_s,
+            "seconds >= 0.1, or 0 (only on SIGHUP)",
+        )
+        _require(
+            self.model_keep_versions >= 1,
+            "model_keep_versions",
+            self.model_keep_versions,
+            "integer >= 1",
+        )
         _require(
             0 <= self.batch_wait_ms <= 10_000,
             "batch_wait_ms",

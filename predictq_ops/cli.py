@@ -94,8 +94,10 @@ def worker(
     if model_path:
         env["PREDICTQ_MODEL_PATH"] = model_path
     settings = Settings.from_env(env)
-    if not settings.model_path:
-        raise click.UsageError("no model: pass --model or set PREDICTQ_MODEL_PATH")
+    if not settings.model_path and not settings.model_repository:
+        raise click.UsageError(
+            "no model: pass --model, or set PREDICTQ_MODEL_PATH or PREDICTQ_MODEL_REPOSITORY"
+        )
     argv = [
         *_CELERY,
         "worker",
@@ -297,8 +299,8 @@ def health(any_host: bool, verbose: bool) -> None:
     if verbose:
         for r in records:
             click.echo(
-                f"{r['nodename']} pid {r['pid']}: {r['pool']} pool, model "
-                f"{r['model']['path']} on {r['device']}, loads={r['loads']}"
+                f"{r['nodename']} pid {r['pid']}: {r['pool']} pool on {r['device']}, models "
+                f"{_versions_line(r)}, loads={r['loads']}"
             )
     if not records:
         where = "anywhere" if any_host else f"on host {socket.gethostname()}"
@@ -312,7 +314,8 @@ def health(any_host: bool, verbose: bool) -> None:
     "--load", is_flag=True, help="Load PREDICTQ_MODEL_PATH here instead of asking a running worker."
 )
 def info(load: bool) -> None:
-    """Print the effective settings (secrets masked) and the model's input/output spec."""
+    """Print the effective settings (secrets masked), the models and versions served, and the
+    default model's input/output spec."""
     from predictq.readiness import read_records
     from predictq.redis_client import client_for
     from workers.backends import resolve
@@ -324,6 +327,7 @@ def info(load: bool) -> None:
     backend = resolve(settings)  # what a worker started here would run
     spec: dict[str, Any] | None = None
     source = ""
+    served: dict[str, Any] = {}
     if not load:
         try:
             records = read_records(
@@ -336,20 +340,39 @@ def info(load: bool) -> None:
             )
             records = []
         if records:
-            spec, source = records[0]["model"], f"worker {records[0]['nodename']}"
+            spec, source = records[0].get("model"), f"worker {records[0]['nodename']}"
+            served = records[0].get("models") or {}
             backend = records[0].get("backend", "tensorflow")
-    if spec is None and settings.model_path:
+    if spec is None and not served and settings.model_path:
         from workers.backends import select
         from workers.model import load_model
 
         select(settings)  # before Keras is imported
         spec, source = load_model(settings.model_path).spec.as_dict(), "loaded here"
     click.echo(f"keras backend: {backend}")
+    if served:
+        click.echo(f"models ({source}):")
+        for name, entry in served.items():
+            click.echo(
+                f"  {name}: versions {entry['versions']}, inputs {entry['spec']['inputs']}, "
+                f"outputs {entry['spec']['outputs']}"
+            )
+    elif settings.model_repository:
+        from workers.repository import scan
+
+        on_disk = {n: [v.version for v in vs] for n, vs in scan(settings).items()}
+        click.echo(f"models on disk in {settings.model_repository}: {on_disk}")
     if spec is None:
-        click.echo("model: unknown (no running worker and no PREDICTQ_MODEL_PATH)")
+        if not served and not settings.model_repository:
+            click.echo("model: unknown (no running worker and no PREDICTQ_MODEL_PATH)")
         return
     click.echo(f"model ({source}):")
     click.echo("  " + json.dumps(spec, indent=2).replace("\n", "\n  "))
+
+
+def _versions_line(record: dict[str, Any]) -> str:
+    models = record.get("models") or {}
+    return ", ".join(f"{name} {entry['versions']}" for name, entry in models.items()) or "none"
 
 
 @cli.group("dead-letters")

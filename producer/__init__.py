@@ -24,6 +24,7 @@ from predictq.errors import (
     QueueFull,
     ResultTimeout,
     TooManyInFlight,
+    UnknownModel,
     WorkerLost,
 )
 from predictq.settings import Settings
@@ -49,5 +50,6 @@ __all__ = [
     "ResultTimeout",
     "Settings",
     "TooManyInFlight",
+    "UnknownModel",
     "WorkerLost",
 ]

@@ -19,6 +19,7 @@ threads of the client's own.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
@@ -41,6 +42,7 @@ from predictq.errors import (
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
+from predictq.modelref import DEFAULT_REF, ModelRef, job_model
 from predictq.redis_client import client_for
 from predictq.settings import Settings, mask_url
 from producer import bulk, wire
@@ -49,6 +51,7 @@ from producer.app import ProducerApp
 from producer.coalescer import Coalescer, Ticket
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
+from producer.models import ServedModels
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 from producer.sender import Outgoing, Sender
@@ -101,7 +104,9 @@ class PredictionClient:
         )
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
-        self._unfinished: dict[str, tuple[JobInput, datetime | None, str]] = {}
+        self._unfinished: dict[str, Outgoing] = {}
+        # Which models the serving workers have loaded (UnknownModel before sending).
+        self._served_models = ServedModels(self._results, self.settings.queue)
         self._recovery = LostJobRecovery(
             self._broker,
             queue_keys(self.settings.queue),
@@ -117,15 +122,27 @@ class PredictionClient:
 
     # --- submitting ------------------------------------------------------------
 
-    def submit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+    def submit(
+        self,
+        inputs: object,
+        *,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
+    ) -> Job:
         """Send one job and return at once; ``job.get()`` waits for its result.
 
         ``inputs``: one array (single-input models), a list of arrays in input
         order, or a dict by input name; the first dimension is the batch.
         ``deadline_s``: if the job is still queued after this many seconds it is
         not run, and ``get`` raises ``DeadlineExceeded``.
+        ``model``: the model's name (default: the workers' default model);
+        ``version``: pin a version (default: the newest loaded). Raises
+        ``UnknownModel`` at once if the serving workers do not have it;
+        ``job.model_version`` says which version computed the result.
         """
-        return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None)
+        ref = _model_ref(model, version)
+        return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref)
 
     def _submit(
         self,
@@ -134,10 +151,17 @@ class PredictionClient:
         deadline_s: float | None,
         rows: slice | None,
         task: str = PREDICT_TASK,
+        ref: ModelRef = DEFAULT_REF,
         holdable: bool = False,
     ) -> Job:
         job, ticket = self._enqueue(
-            job_input, deadline_s=deadline_s, rows=rows, task=task, waiting=True, holdable=holdable
+            job_input,
+            deadline_s=deadline_s,
+            rows=rows,
+            task=task,
+            waiting=True,
+            ref=ref,
+            holdable=holdable,
         )
         ticket.sent.result()  # the publish error, if any (its slot is free again)
         return job
@@ -150,7 +174,8 @@ class PredictionClient:
         rows: slice | None,
         task: str,
         waiting: bool,
-        holdable: bool,
+        ref: ModelRef = DEFAULT_REF,
+        holdable: bool = False,
     ) -> tuple[Job, Ticket[Outgoing]]:
         """Admit one job and hand it to the coalescer; ``ticket.sent`` tells when it is out.
 
@@ -161,6 +186,7 @@ class PredictionClient:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
         self._check_size(job_input)
+        self._served_models.check(ref)
         self._check_queue_length()
         if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
             raise TooManyInFlight(
@@ -171,7 +197,7 @@ class PredictionClient:
         expires = datetime.now(UTC) + timedelta(seconds=deadline_s) if deadline_s else None
         future = self._collector.watch(job_id)
         give_up = time.monotonic() + self.settings.submit_timeout_s
-        outgoing = Outgoing(job_id, job_input, expires, task, give_up)
+        outgoing = Outgoing(job_id, job_input, expires, task, give_up, ref)
         ticket = Ticket(
             outgoing,
             samples=job_input.rows,
@@ -193,7 +219,8 @@ class PredictionClient:
             self._collector.forget(job.job_id)
             self._slots.release()
             return
-        self._unfinished[job.job_id] = (job.job_input, job.expires, job.task)
+        # Republished (if lost) with a fresh PREDICTQ_SUBMIT_TIMEOUT_S of its own.
+        self._unfinished[job.job_id] = dataclasses.replace(job, give_up=None)
         self._recovery.track(job.job_id)
         future.add_done_callback(lambda _f: self._finished(job.job_id))
 
@@ -227,18 +254,18 @@ class PredictionClient:
         return [bool(n) for n in pipe.execute()]
 
     def _republish(self, job_id: str) -> None:
-        entry = self._unfinished.get(job_id)
-        if entry is not None:
-            self._publish(job_id, *entry)
-
-    def _publish(
-        self, job_id: str, job_input: JobInput, expires: datetime | None, task: str = PREDICT_TASK
-    ) -> None:
-        """Publish one job in a message of its own, now."""
-        self._sender.publish_one(job_id, job_input, expires, task)
+        job = self._unfinished.get(job_id)
+        if job is not None:
+            self._sender.publish([job])  # alone, under its own id
 
     def predict(
-        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+        self,
+        inputs: object,
+        *,
+        timeout: float | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """Submit one job and wait for its result (``submit(...).get(timeout)``).
 
@@ -246,7 +273,10 @@ class PredictionClient:
         once; the caller has no handle to wait on it again), like ``apredict``.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None, holdable=True)
+        ref = _model_ref(model, version)
+        job = self._submit(
+            wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref, holdable=True
+        )
         try:
             return job.get(timeout)
         except ResultTimeout:
@@ -259,7 +289,14 @@ class PredictionClient:
 
     # --- asyncio ---------------------------------------------------------------
 
-    async def asubmit(self, inputs: object, *, deadline_s: float | None = None) -> Job:
+    async def asubmit(
+        self,
+        inputs: object,
+        *,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
+    ) -> Job:
         """``submit`` for asyncio code: ``job = await client.asubmit(x)``, then ``await job``.
 
         The submit (input checks, Redis I/O, waiting for an in-flight slot) runs
@@ -267,15 +304,17 @@ class PredictionClient:
         task is cancelled meanwhile, a job not yet sent never is, and one already
         sent is forgotten at once.
         """
-        return await self._asubmit(inputs, deadline_s, holdable=False)
+        return await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=False)
 
-    async def _asubmit(self, inputs: object, deadline_s: float | None, *, holdable: bool) -> Job:
+    async def _asubmit(
+        self, inputs: object, deadline_s: float | None, ref: ModelRef, *, holdable: bool
+    ) -> Job:
         if self._closed:
             raise PredictqError("the client is closed")
         # On a submit thread: checks, an in-flight slot, then the coalescer, which
         # returns at once (the job goes out with the next message) unless this
         # thread has to publish.
-        enqueue = functools.partial(self._enqueue_async, inputs, deadline_s, holdable)
+        enqueue = functools.partial(self._enqueue_async, inputs, deadline_s, ref, holdable)
         job, ticket = await self._submit_pool.run(enqueue, abandoned=_forget_enqueued)
         try:
             await wait_done(ticket.sent, None)
@@ -287,7 +326,7 @@ class PredictionClient:
         return job
 
     def _enqueue_async(
-        self, inputs: object, deadline_s: float | None, holdable: bool
+        self, inputs: object, deadline_s: float | None, ref: ModelRef, holdable: bool
     ) -> tuple[Job, Ticket[Outgoing]]:
         return self._enqueue(
             wire.normalize(inputs),
@@ -295,11 +334,18 @@ class PredictionClient:
             rows=None,
             task=PREDICT_TASK,
             waiting=False,
+            ref=ref,
             holdable=holdable,
         )
 
     async def apredict(
-        self, inputs: object, *, timeout: float | None = None, deadline_s: float | None = None
+        self,
+        inputs: object,
+        *,
+        timeout: float | None = None,
+        deadline_s: float | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """``predict`` for asyncio code: ``await client.apredict(x, timeout=30)``.
 
@@ -308,7 +354,7 @@ class PredictionClient:
         is freed at once, though the job itself may still run on a worker.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = await self._asubmit(inputs, deadline_s, holdable=True)
+        job = await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=True)
         try:
             return await job.aget(timeout)
         except ResultTimeout:
@@ -363,6 +409,8 @@ class PredictionClient:
         chunk_size: int = 4096,
         deadline_s: float | None = None,
         window: int = 8,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Iterator[Job]:
         """Split ``inputs`` into chunk jobs; yields a ``Job`` per chunk (``job.rows``), in order.
 
@@ -371,7 +419,7 @@ class PredictionClient:
         collects the handles submits everything (up to ``max_in_flight``).
         """
         return bulk.submit_chunks(
-            functools.partial(self._submit, deadline_s=deadline_s),
+            functools.partial(self._submit, deadline_s=deadline_s, ref=_model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=window,
@@ -385,6 +433,8 @@ class PredictionClient:
         progress: bool = False,
         timeout: float | None = None,
         max_in_flight: int | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> Any:
         """Predict a large input in chunk jobs; outputs come back in the input's order.
 
@@ -395,7 +445,7 @@ class PredictionClient:
         check_timeout("timeout", timeout)
         cap = self.settings.max_in_flight
         return bulk.predict_chunks(
-            functools.partial(self._submit, deadline_s=None),
+            functools.partial(self._submit, deadline_s=None, ref=_model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=max(1, min(max_in_flight or cap, cap)),
@@ -432,3 +482,8 @@ class PredictionClient:
 
 def _forget_enqueued(enqueued: tuple[Job, Ticket[Outgoing]]) -> None:
     enqueued[0].forget()
+
+
+def _model_ref(model: str | None, version: int | None) -> ModelRef:
+    # The same check a worker makes on the job's kwargs (predictq/modelref.py).
+    return job_model({"model": model, "version": version}, where="submit")

@@ -19,6 +19,7 @@ from predictq.errors import (
     ResultTimeout,
     WorkerLost,
 )
+from predictq.modelref import MODEL_VERSION_FIELD
 from predictq.structure import flatten, unflatten
 from producer.aio import wait_done
 
@@ -59,6 +60,17 @@ class Job:
     def done(self) -> bool:
         """Whether the result (or error) has arrived."""
         return self._future.done()
+
+    @property
+    def model_version(self) -> int | None:
+        """The version of the model that computed the result, once it arrived (else None).
+
+        None too for a failed job, and for results of workers older than model versions.
+        """
+        if not self._future.done() or self._future.cancelled():
+            return None
+        version = self._future.result().get(MODEL_VERSION_FIELD)
+        return version if isinstance(version, int) and not isinstance(version, bool) else None
 
     def get(self, timeout: float | None = None) -> Any:
         """The prediction (np.ndarray, or list/dict of arrays), or the job's typed error.

@@ -45,16 +45,20 @@ class RedisPublisher:
         expires: datetime | None,
         headers: dict[str, Any],
         argsrepr: str,
+        kwargs: dict[str, Any] | None = None,
     ) -> bytes:
-        """The message as kombu's Redis transport stores it (what ``send_task`` would push)."""
+        """The message as kombu's Redis transport stores it (what ``send_task`` would push).
+
+        ``kwargs`` are small (a job's model and version): Flower shows their repr.
+        """
         message = self._app.amqp.create_task_message(
             task_id,
             task_name,
             args,
-            {},
+            kwargs or {},
             expires=expires,
             argsrepr=argsrepr,
-            kwargsrepr="{}",
+            kwargsrepr=repr(kwargs or {}),
             # send_task's default: the app's id for this thread.
             reply_to=self._app.thread_oid,
         )

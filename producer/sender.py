@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError
 from predictq import carrier, codec, payloads
 from predictq.celeryconf import PREDICT_JOBS_TASK, PREDICT_TASK, SENT_AT_HEADER
 from predictq.errors import BrokerUnavailable
+from predictq.modelref import DEFAULT_REF, ModelRef
 from predictq.settings import Settings, mask_url
 from producer.publisher import RedisPublisher
 from producer.wire import JobInput
@@ -50,6 +51,8 @@ class Outgoing:
     #: ``time.monotonic()`` instant after which its publish stops retrying an
     #: unreachable Redis (None: ``submit_timeout_s`` from the publish's start).
     give_up: float | None = None
+    #: The model (and pinned version) the job asks for.
+    ref: ModelRef = DEFAULT_REF
 
 
 class Sender:
@@ -81,13 +84,15 @@ class Sender:
         give_up = min(limits) if limits else None
         if len(jobs) == 1:
             job = jobs[0]
-            self.publish_one(job.job_id, job.job_input, job.expires, job.task, give_up=give_up)
+            self.publish_one(
+                job.job_id, job.job_input, job.expires, job.task, job.ref, give_up=give_up
+            )
             return
         entries = []
         stored = []
         for job in jobs:
             argument, payload = self._argument(job.job_id, job.job_input)
-            entries.append(carrier.entry(job.job_id, argument, job.expires))
+            entries.append(carrier.entry(job.job_id, argument, job.expires, job.ref))
             if payload is not None:
                 stored.append(payload)
         raw = self._publisher.encode(
@@ -109,10 +114,11 @@ class Sender:
         job_input: JobInput,
         expires: datetime | None,
         task: str = PREDICT_TASK,
+        ref: ModelRef = DEFAULT_REF,
         *,
         give_up: float | None = None,
     ) -> None:
-        """A ``task`` message for one job."""
+        """A ``task`` message for one job (its model, if any, in the task's kwargs)."""
         argument, payload = self._argument(job_id, job_input)
         raw = self._publisher.encode(
             job_id,
@@ -121,6 +127,7 @@ class Sender:
             expires=expires,
             headers={SENT_AT_HEADER: time.time()},
             argsrepr=job_input.summary,
+            kwargs=ref.as_kwargs(),
         )
         stored = [] if payload is None else [payload]
         self.retrying(lambda: self._publisher.publish(raw, stored), give_up=give_up)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from predictq.errors import PredictionError
 from predictq_ops.redis_server import RedisServer
@@ -74,14 +75,21 @@ def client(
         yield c
 
 
-def metric(worker: WorkerProcess, line_prefix: str) -> float:
-    """The value of the first /metrics line that starts with ``line_prefix + " "``."""
+def metric(worker: WorkerProcess, name: str, **labels: str) -> float:
+    """The sum of the /metrics samples called ``name`` whose labels include ``labels``
+    (every model version's, for the per-model metrics)."""
     url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(line_prefix + " "):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{line_prefix} not in /metrics")
+        text = r.read().decode()
+    found = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    if not found:
+        raise AssertionError(f"{name} {labels} not in /metrics")
+    return sum(found)
 
 
 #: How each backend reports the FAIL sample's error.
@@ -145,11 +153,11 @@ def test_a_job_larger_than_max_batch_size_runs_in_device_sized_pieces_in_order(
 ) -> None:
     x = np.random.default_rng(5).random((1000, F), dtype=np.float32)
     calls_before = metric(worker, "predictq_batch_size_samples_count")
-    fitting_before = metric(worker, 'predictq_batch_size_samples_bucket{le="64.0"}')
+    fitting_before = metric(worker, "predictq_batch_size_samples_bucket", le="64.0")
     out = client.predict(x, timeout=60)
     assert np.allclose(out, models.reference(misbehaving_path, x), atol=1e-5)
     calls = metric(worker, "predictq_batch_size_samples_count") - calls_before
-    fitting = metric(worker, 'predictq_batch_size_samples_bucket{le="64.0"}') - fitting_before
+    fitting = metric(worker, "predictq_batch_size_samples_bucket", le="64.0") - fitting_before
     assert calls >= 1000 / 64 and fitting == calls  # every device call held <= 64 samples
 
 

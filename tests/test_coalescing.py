@@ -9,6 +9,7 @@ jobs meant to travel together are queued behind it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -199,14 +200,20 @@ def message_jobs(worker: WorkerProcess) -> tuple[float, float]:
 
 
 def submit_together(
-    client: PredictionClient, calls: list[Callable[[], Job]], *, linger_s: float = 0.0
+    client: PredictionClient,
+    calls: list[Callable[[], Job]],
+    *,
+    linger_s: float = 0.0,
+    opener: Callable[[], Job] | None = None,
 ) -> tuple[Job, list[Job | BaseException]]:
-    """An opener job, held in its publish; then ``calls`` on threads of their own, queued
-    behind it, so that they travel in one message. Their jobs (or submit errors), in order."""
+    """An opener job (default: one sample for the default model), held in its publish;
+    then ``calls`` on threads of their own, queued behind it, so that they travel in one
+    message. Their jobs (or submit errors), in order."""
     held = HeldPublish(client)
-    opener_input = np.ones((1, F), np.float32)
+    if opener is None:
+        opener = functools.partial(client.submit, np.ones((1, F), np.float32))
     with ThreadPoolExecutor(len(calls) + 1) as pool:
-        opener = pool.submit(client.submit, opener_input)
+        opened = pool.submit(opener)
         assert held.holding.wait(30)
         futures = [pool.submit(call) for call in calls]
         held.release_when_queued(len(calls), linger_s=linger_s)
@@ -214,7 +221,7 @@ def submit_together(
         for f in futures:
             error = f.exception(60)
             outcomes.append(error if error is not None else f.result())
-        return opener.result(60), outcomes
+        return opened.result(60), outcomes
 
 
 def test_64_threads_each_get_exactly_their_own_output_and_share_messages(

@@ -76,7 +76,6 @@ FLOWER_CREDENTIALS = f"ops:{secrets.token_hex(12)}"
 VARIABLES = {
     "REDIS_PASSWORD": REDIS_PASSWORD,
     "FLOWER_BASIC_AUTH": FLOWER_CREDENTIALS,
-    "MODEL_FILE": "mlp.keras",
 }
 
 Service = dict[str, Any]
@@ -244,6 +243,8 @@ def local_env(
     for name, value in environment(service).items():
         local = value.replace("@redis:6379/", f"@{server.host}:{server.port}/")
         for target, directory in (mounted or {}).items():
+            if local == target.rstrip("/"):
+                local = str(directory)  # the mount point itself (a model repository)
             local = local.replace(target.rstrip("/") + "/", f"{directory}/")
         env[name] = local
     full = base_env(**{**env, **overrides})
@@ -377,8 +378,11 @@ def test_compose_worker_command_serves_predictions_once_its_healthchecks_pass(
     )
     assert env["PREDICTQ_BROKER_URL"] == compose_redis.url(0)
     assert env["PREDICTQ_RESULT_BACKEND"] == compose_redis.url(1)
-    model_path = models.build_mlp(env["PREDICTQ_MODEL_PATH"])  # in the mounted directory
-    assert Path(model_path).parent == models_dir
+    # A repository of one model, "default", the one a job without a model name gets.
+    version_dir = Path(env["PREDICTQ_MODEL_REPOSITORY"]) / "default" / "1"
+    version_dir.mkdir(parents=True)
+    model_path = models.build_mlp(str(version_dir / "model.keras"))  # in the mounted directory
+    assert Path(model_path).parents[2] == models_dir
 
     # The compose service's check and the image's own (what `docker run` uses).
     checks = [

@@ -176,6 +176,24 @@ CASES: dict[str, Case] = {
         serializer="json",
         match=r"keyword arguments \['temperature'\]",
     ),
+    "model name that is not a name": Case(
+        (VALID.tolist(),),
+        {"model": "../etc"},
+        serializer="json",
+        match=r"expected 'model' as a model name .*received '\.\./etc'",
+    ),
+    "model version that is not a positive integer": Case(
+        (VALID.tolist(),),
+        {"version": 0},
+        serializer="json",
+        match=r"expected 'version' as a positive integer, received 0",
+    ),
+    "model version true": Case(
+        (VALID.tolist(),),
+        {"version": True},
+        serializer="json",
+        match=r"expected 'version' as a positive integer, received True",
+    ),
     "absurd expiry header": Case(
         (VALID.tolist(),),
         serializer="json",

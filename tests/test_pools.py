@@ -32,12 +32,17 @@ def run_jobs(client: PredictionClient, make_input: object, jobs: int, threads: i
 
 
 def model_loads(port: int) -> float:
-    """``predictq_model_loads_total`` read from one worker process's own /metrics."""
+    """``predictq_model_loads_total`` read from one worker process's own /metrics
+    (summed over model versions: the process serves one model, one version)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("predictq_model_loads_total "):
-                return float(line.split()[1])
-    raise AssertionError(f"no predictq_model_loads_total on port {port}")
+        loads = [
+            float(line.split()[-1])
+            for line in r.read().decode().splitlines()
+            if line.startswith("predictq_model_loads_total{")
+        ]
+    if not loads:
+        raise AssertionError(f"no predictq_model_loads_total on port {port}")
+    return sum(loads)
 
 
 def test_solo_pool_loads_once_and_serves_a_multi_input_multi_output_model(

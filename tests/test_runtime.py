@@ -21,6 +21,7 @@ from predictq_ops.redis_server import RedisServer, free_port
 from workers import deliveries
 from workers.batcher import Batcher
 from workers.deliveries import DeliveryTracker
+from workers.registry import ModelRegistry, ServedVersion
 from workers.runtime import JobContext, Runtime
 from workers.spec import ModelSpec, TensorSpec
 
@@ -88,11 +89,13 @@ def tracker() -> RecordingDeliveries:
 
 @pytest.fixture()
 def runtime(model: FakeModel, tracker: RecordingDeliveries) -> Iterator[Runtime]:
-    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=1)
+    batcher = Batcher(max_batch_size=8, batch_wait_ms=1)
     batcher.start()
     broker = client_from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    registry = ModelRegistry()
+    registry.add(ServedVersion("default", 1, model, stamp=None))  # type: ignore[arg-type]
     yield Runtime(
-        model,  # type: ignore[arg-type]
+        registry,
         batcher,
         settings=Settings.from_env({}),
         broker=broker,
@@ -119,10 +122,10 @@ def test_a_slow_attempt_count_delays_only_its_own_job(
         assert tracker.counted("suspect").wait(5)
         # Were the count made on the device thread, this job would wait for it too.
         fresh = pool.submit(runtime.predict, x(2), job("fresh"))
-        assert np.array_equal(fresh.result(5), x(4))  # type: ignore[arg-type]
+        assert np.array_equal(fresh.result(5).outputs, x(4))  # type: ignore[arg-type]
         assert not suspect.done()
         tracker.release.set()
-        assert np.array_equal(suspect.result(5), x(2))  # type: ignore[arg-type]
+        assert np.array_equal(suspect.result(5).outputs, x(2))  # type: ignore[arg-type]
 
 
 def test_redelivered_jobs_are_counted_one_at_a_time_and_cleared_once_their_result_is_back(

@@ -6,9 +6,15 @@ piece, fills the batch with compatible pieces until ``max_batch_size`` samples
 or ``batch_wait_ms`` after the first arrival, runs ONE call, and splits the
 outputs back to each job.
 
-Invariants (each has a test in tests/test_batcher.py):
+One batcher serves every model (and model version) of a process: each request
+names the ``run`` (a loaded model version) it is for, and a batch only ever
+holds requests for one ``run``, so no job gets a mix of two versions' outputs.
 
-* Only the device thread calls ``run``: device access is serialized per process.
+Invariants (each has a test in tests/test_batcher.py or tests/test_registry.py):
+
+* Only the device thread calls a ``run`` or a device task (``on_device``: the
+  warm-up of a version loaded while serving): device calls are one at a time
+  per process, across all its models.
 * The device thread does no I/O but the device call: whatever a job needs from
   Redis happens on the job's own thread, before ``submit`` or after its result.
 * Every submitted request ends with its result or its own exception, never a
@@ -37,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,13 +56,11 @@ from predictq.errors import (
     Requeue,
 )
 from workers.arrivals import ArrivalTracker
+from workers.pieces import Array, Piece, Request, RunFn
 
 __all__ = ["Array", "BatchStats", "Batcher"]
 
 log = logging.getLogger(__name__)
-
-Array = np.ndarray[Any, Any]
-RunFn = Callable[[list[Array]], list[Array]]
 
 
 @dataclass(frozen=True)
@@ -67,68 +71,19 @@ class BatchStats:
     requests: int
     device_s: float
     oldest_wait_s: float
-
-
-class _Request:
-    """One submitted job: its future and the outputs of its pieces, by sample offset."""
-
-    def __init__(self, n: int, deadline: float | None) -> None:
-        self.future: Future[list[Array]] = Future()
-        self.n = n
-        self.deadline = deadline
-        self.submitted_at = time.monotonic()
-        self._parts: dict[int, list[Array]] = {}
-        self._received = 0
-
-    def deliver(self, offset: int, outputs: list[Array]) -> None:
-        if self.future.done():
-            return
-        self._parts[offset] = outputs
-        self._received += outputs[0].shape[0]
-        if self._received < self.n:
-            return
-        ordered = [self._parts[k] for k in sorted(self._parts)]
-        if len(ordered) == 1:
-            self.future.set_result(ordered[0])
-        else:
-            self.future.set_result([np.concatenate(cols) for cols in zip(*ordered, strict=True)])
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-@dataclass
-class _Piece:
-    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
-
-    request: _Request
-    offset: int
-    inputs: list[Array]
-    isolated: bool
-    signature: tuple[tuple[int, ...], ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.signature = tuple(a.shape[1:] for a in self.inputs)
-
-    @property
-    def n(self) -> int:
-        return int(self.inputs[0].shape[0])
-
-    def halves(self) -> tuple[_Piece, _Piece]:
-        k = self.n // 2
-        return (
-            _Piece(self.request, self.offset, [a[:k] for a in self.inputs], self.isolated),
-            _Piece(self.request, self.offset + k, [a[k:] for a in self.inputs], self.isolated),
-        )
+    #: What the submitter labelled the batch's requests with (model name, version).
+    labels: tuple[str, str] = ("", "")
 
 
 class Batcher:
-    """Runs ``run`` on batches of concurrently submitted requests, on one thread."""
+    """Runs batches of concurrently submitted requests on one thread, one call at a time.
+
+    ``run`` is the default model for ``submit``; each request may name its own.
+    """
 
     def __init__(
         self,
-        run: RunFn,
+        run: RunFn | None = None,
         *,
         max_batch_size: int,
         batch_wait_ms: float,
@@ -146,11 +101,13 @@ class Batcher:
         # Metrics only: cheap, in memory, never raise (they run on the device thread).
         self._on_batch = on_batch
         self._on_isolate = on_isolate
-        # _cond guards _queue, _incoming and _closed. Invariant: a piece enters
-        # _queue only while not _closed, and leaves it only on the device
-        # thread, so after close() + join() nothing can be left pending.
+        # _cond guards _queue, _tasks, _incoming and _closed. Invariant: a piece
+        # (or device task) enters its queue only while not _closed, and leaves
+        # it only on the device thread, so after close() + join() nothing can
+        # be left pending.
         self._cond = threading.Condition()
-        self._queue: deque[_Piece] = deque()
+        self._queue: deque[Piece] = deque()
+        self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._incoming = 0
         self._closed = False
         self._arrivals = ArrivalTracker()  # guarded by _cond too
@@ -198,19 +155,32 @@ class Batcher:
                 self._cond.notify_all()
 
     def submit(
-        self, inputs: Sequence[Array], *, deadline: float | None = None, isolated: bool = False
+        self,
+        inputs: Sequence[Array],
+        *,
+        deadline: float | None = None,
+        isolated: bool = False,
+        run: RunFn | None = None,
+        labels: tuple[str, str] = ("", ""),
     ) -> Future[list[Array]]:
         """Queue one request; the future holds its outputs (one array per model output).
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request is
         dropped with ``DeadlineExceeded`` instead of run. ``isolated`` requests run
-        in batches of their own. Raises ``Requeue`` once the batcher is closed.
+        in batches of their own. ``run`` (default: the batcher's) computes it;
+        only requests for the same ``run`` share a batch. ``labels`` come back
+        in the batch's ``BatchStats``. Raises ``Requeue`` once the batcher is closed.
         """
+        fn = run or self._run
+        if fn is None:
+            raise ValueError("submit: this batcher has no default model; pass run=")
         arrays = list(inputs)
         n = int(arrays[0].shape[0])
-        request = _Request(n, deadline)
+        request = Request(n, deadline)
         pieces = [
-            _Piece(request, start, [a[start : start + self._max] for a in arrays], isolated)
+            Piece(
+                request, start, [a[start : start + self._max] for a in arrays], isolated, fn, labels
+            )
             for start in range(0, n, self._max)
         ]
         with self._cond:
@@ -220,6 +190,21 @@ class Batcher:
             self._queue.extend(pieces)
             self._cond.notify_all()
         return request.future
+
+    def on_device(self, task: Callable[[], Any]) -> Future[Any]:
+        """Run ``task`` on the device thread, between two batches; its future holds the outcome.
+
+        For device work that is not a batch (warming up a model version loaded
+        while others serve): it keeps device calls one at a time, and the
+        watchdog times it like a device call. Raises ``Requeue`` once closed.
+        """
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._closed:
+                raise Requeue("the worker process is stopping and takes no device work")
+            self._tasks.append((task, future))
+            self._cond.notify_all()
+        return future
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Stop taking requests, finish the queued ones, join the device thread.
@@ -241,14 +226,17 @@ class Batcher:
     # --- device thread ---------------------------------------------------------
 
     def _loop(self) -> None:
-        batch: list[_Piece] = []
+        batch: list[Piece] = []
         try:
             while True:
-                batch = self._next_batch()
-                if not batch:
+                self._run_tasks()
+                filled = self._next_batch()
+                if filled is None:
                     return
-                self._run_batch(batch)
-                batch = []
+                batch = filled
+                if batch:
+                    self._run_batch(batch)
+                    batch = []
         except BaseException as e:
             # Invariant "never a hang": whatever killed the loop, end every
             # request it was responsible for, and refuse new ones. The batch it
@@ -271,15 +259,38 @@ class Batcher:
         with self._cond:
             pending = list(self._queue)
             self._queue.clear()
+            tasks = list(self._tasks)
+            self._tasks.clear()
         for piece in pending:
             piece.request.fail(Requeue(why))
+        for _task, future in tasks:
+            future.set_exception(Requeue(why))
 
-    def _next_batch(self) -> list[_Piece]:
-        """Block for the first piece, then fill; empty only when closed and drained."""
+    def _run_tasks(self) -> None:
+        while True:
+            with self._cond:
+                if not self._tasks:
+                    return
+                task, future = self._tasks.popleft()
+            self._call_started = time.monotonic()
+            try:
+                result = task()
+            except Exception as e:
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+            finally:
+                self._call_started = None
+
+    def _next_batch(self) -> list[Piece] | None:
+        """Block for the first piece, then fill; empty when a device task arrived first,
+        None once closed and drained."""
         with self._cond:
             while not self._queue:
-                if self._closed:
+                if self._tasks:
                     return []
+                if self._closed:
+                    return None
                 self._cond.wait()
             first = self._queue.popleft()
             batch, samples = [first], first.n
@@ -299,13 +310,13 @@ class Batcher:
                     self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
 
-    def _take_compatible(self, batch: list[_Piece], samples: int) -> int:
+    def _take_compatible(self, batch: list[Piece], samples: int) -> int:
         """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
-        signature = batch[0].signature
-        kept: deque[_Piece] = deque()
+        signature, run = batch[0].signature, batch[0].run
+        kept: deque[Piece] = deque()
         while self._queue:
             piece = self._queue.popleft()
-            if piece.isolated or piece.signature != signature:
+            if piece.isolated or piece.run is not run or piece.signature != signature:
                 kept.append(piece)
             elif samples + piece.n <= self._max:
                 batch.append(piece)
@@ -318,7 +329,7 @@ class Batcher:
         self._queue = kept
         return samples
 
-    def _run_batch(self, batch: list[_Piece]) -> None:
+    def _run_batch(self, batch: list[Piece]) -> None:
         now = time.monotonic()
         live = []
         for piece in batch:
@@ -332,7 +343,7 @@ class Batcher:
         if live:
             self._execute(live)
 
-    def _execute(self, pieces: list[_Piece]) -> None:
+    def _execute(self, pieces: list[Piece]) -> None:
         try:
             outputs = self._call(pieces)
         except DeviceOutOfMemory as e:
@@ -355,10 +366,10 @@ class Batcher:
         for piece, outs in zip(pieces, outputs, strict=True):
             piece.request.deliver(piece.offset, outs)
 
-    def _on_oom(self, pieces: list[_Piece], error: DeviceOutOfMemory) -> None:
+    def _on_oom(self, pieces: list[Piece], error: DeviceOutOfMemory) -> None:
         if len(pieces) > 1:
             mid = len(pieces) // 2
-            halves: tuple[list[_Piece], ...] = (pieces[:mid], pieces[mid:])
+            halves: tuple[list[Piece], ...] = (pieces[:mid], pieces[mid:])
         elif pieces[0].n > 1:
             halves = tuple([h] for h in pieces[0].halves())
         else:
@@ -372,7 +383,7 @@ class Batcher:
         for half in halves:
             self._execute(half)
 
-    def _call(self, pieces: list[_Piece]) -> list[list[Array]]:
+    def _call(self, pieces: list[Piece]) -> list[list[Array]]:
         """One device call for ``pieces``; the outputs split back per piece."""
         if len(pieces) == 1:
             inputs = pieces[0].inputs
@@ -383,7 +394,8 @@ class Batcher:
         total = sum(p.n for p in pieces)
         started = self._call_started = time.monotonic()
         try:
-            outputs = self._run(inputs)
+            # One run per batch: _take_compatible never mixes two.
+            outputs = pieces[0].run(inputs)
         finally:
             self._call_started = None
         device_s = time.monotonic() - started
@@ -394,7 +406,8 @@ class Batcher:
                 )
         if self._on_batch is not None:
             oldest = min(p.request.submitted_at for p in pieces)
-            self._on_batch(BatchStats(total, len(pieces), device_s, started - oldest))
+            stats = BatchStats(total, len(pieces), device_s, started - oldest, pieces[0].labels)
+            self._on_batch(stats)
         split: list[list[Array]] = []
         start = 0
         for piece in pieces:

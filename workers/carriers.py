@@ -35,7 +35,7 @@ from predictq.errors import InvalidInput, ModelNotReady, PredictionError, Predic
 from workers import metrics
 from workers.lifecycle import current_runtime
 from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps, store_job_outcome
-from workers.runtime import JobContext, Runtime
+from workers.runtime import JobContext, Prediction, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str,
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
     answer = _Answer(backend, json_result=bool(getattr(request, JSON_RESULT, False)))
     entries = _parsed(raw_entries, answer)
-    jobs = [(e.inputs, _context(e, redelivered)) for e in entries]
+    jobs = [(e.inputs, _context(e, redelivered), e.ref) for e in entries]
     try:
         runtime = current_runtime()
         answer.runtime = runtime
@@ -120,16 +120,25 @@ class _Answer:
         self.succeeded = 0
         self.failed = 0
 
-    def job(self, entry: Entry, outcome: object) -> None:
-        if not isinstance(outcome, BaseException) and self._json:
+    def job(self, entry: Entry, outcome: Prediction | BaseException) -> None:
+        if isinstance(outcome, BaseException):
+            self.stored(entry.job_id, outcome, inputs=entry.inputs)
+            return
+        outputs = outcome.outputs
+        if self._json:
             try:
-                outcome = json_outputs(outcome, as_maps=sent_ndarray_maps(entry.inputs))
+                outputs = json_outputs(outputs, as_maps=sent_ndarray_maps(entry.inputs))
             except PredictqError as e:
-                outcome = e
-        self.stored(entry.job_id, outcome, inputs=entry.inputs)
+                self.stored(entry.job_id, e, inputs=entry.inputs)
+                return
+        self.stored(entry.job_id, outputs, inputs=entry.inputs, model_version=outcome.version)
 
-    def stored(self, job_id: str, outcome: object, *, inputs: object) -> None:
-        store_job_outcome(self._backend, job_id, outcome, json_result=self._json)
+    def stored(
+        self, job_id: str, outcome: object, *, inputs: object, model_version: int | None = None
+    ) -> None:
+        store_job_outcome(
+            self._backend, job_id, outcome, json_result=self._json, model_version=model_version
+        )
         self.answered.add(job_id)
         if isinstance(outcome, BaseException):
             self.failed += 1

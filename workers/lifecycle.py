@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from wsgiref.simple_server import WSGIServer
@@ -55,16 +55,18 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.concurrency.solo import TaskPool as SoloPool
 from celery.concurrency.thread import TaskPool as ThreadsPool
 
-from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, PredictionError, Requeue
+from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, Requeue
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_for
 from predictq.settings import Settings, mask_url
-from workers import metrics
+from workers import backends, metrics
 from workers.app import worker_settings
-from workers.batcher import Batcher
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
-from workers.model import LoadedModel, import_model_modules, load_model
+from workers.devicethread import device_thread
+from workers.hotload import RepositoryWatcher, warm_on_device
+from workers.model import import_model_modules
+from workers.registry import ModelRegistry, ServedVersion
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -94,8 +96,9 @@ class _Process:
         self.stack: ExitStack | None = None  # what stop_serving undoes
         self.runtime: Runtime | None = None
         self.readiness: ReadinessRecord | None = None
+        self.registry: ModelRegistry | None = None
+        self.watcher: RepositoryWatcher | None = None
         self.stopped = False
-        self.loads = 0  # model loads in this process: should be 1
 
 
 _process = _Process()
@@ -117,12 +120,12 @@ def start_worker(worker: Any) -> None:
     except ConfigError as e:
         _abort_start(e)
     log.info(
-        "predictq worker %s: pool=%s broker=%s backend=%s model=%s",
+        "predictq worker %s: pool=%s broker=%s backend=%s models=%s",
         worker.hostname,
         _Worker.pool,
         mask_url(settings.broker_url),
         mask_url(settings.result_backend),
-        settings.model_path,
+        settings.model_repository or settings.model_path,
     )
     if settings.log_level != "DEBUG":
         # Celery decides once, when it builds its task tracers and strategies,
@@ -233,27 +236,43 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
     with _process.lock:
         if _process.stack is not None or _process.stopped:
             return
-        if not settings.model_path:
-            raise ConfigError("PREDICTQ_MODEL_PATH must name the model to serve, got nothing")
+        if not settings.model_path and not settings.model_repository:
+            raise ConfigError(
+                "PREDICTQ_MODEL_PATH must name the model to serve (or PREDICTQ_MODEL_REPOSITORY "
+                "a directory of <name>/<version>/ models), got nothing"
+            )
         with ExitStack() as stack:
             started = time.monotonic()
             # First: the Keras backend and its devices are chosen before Keras loads.
             device = configure_devices(settings).kind
             import_model_modules(settings.model_imports)
-            model = load_model(settings.model_path, max_batch_size=settings.max_batch_size)
-            _process.loads += 1
-            # One inference per batch shape the backend compiles for: single jobs
-            # and full batches (TensorFlow traces once, its function is
-            # batch-polymorphic), or every batch-size bucket (JAX). This also
-            # fails fast if a full batch does not fit.
-            model.warm_up()
-            warm_s = time.monotonic() - started
 
             results = stack.enter_context(closing(client_for(settings, settings.result_backend)))
             broker = stack.enter_context(closing(client_for(settings, settings.broker_url)))
-            batcher = stack.enter_context(_device_thread(model, settings))
+            # One device thread for every model of the process: the device
+            # invariant (one call at a time, workers/batcher.py) holds across models.
+            batcher = stack.enter_context(device_thread(settings, on_failure=_cannot_serve))
+            registry = ModelRegistry(on_release=_released)
+            watcher = RepositoryWatcher(
+                settings,
+                registry,
+                warm=functools.partial(warm_on_device, batcher),
+                on_loaded=functools.partial(_loaded, device=device),
+                on_change=_models_changed,
+            )
+            # Serving starts with the same pass that hot loading repeats.
+            watcher.sync()
+            if not registry.served():
+                raise watcher.last_error or ModelLoadError(
+                    "no model version to serve in "
+                    f"{settings.model_repository or settings.model_path!r} (expected "
+                    "<name>/<version>/ directories holding a model)"
+                )
+            warm_s = time.monotonic() - started
+            _process.registry = registry
+            stack.callback(setattr, _process, "registry", None)
 
-            metrics.record_model(model, warm_s, device)
+            metrics.MODEL_READY.set(1)
             stack.callback(metrics.MODEL_READY.set, 0)
             server = _serve_metrics(settings, index)
             if server is not None:
@@ -261,42 +280,83 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
 
             fields = {
                 "pool": _Worker.pool,
-                "loads": _process.loads,
+                "queue": settings.queue,
                 "warm": True,
                 "device": device,
-                "backend": model.backend,
+                "backend": backends.current().name,
                 "load_s": round(warm_s, 3),
                 "since": datetime.now(UTC).isoformat(),
                 "metrics_port": None if server is None else server.server_address[1],
                 "max_batch_size": settings.max_batch_size,
-                "model": model.spec.as_dict(),
             }
             readiness = ReadinessRecord(
-                results, nodename, os.getpid(), settings.readiness_ttl_s, fields
+                results,
+                nodename,
+                os.getpid(),
+                settings.readiness_ttl_s,
+                {**fields, "loads": watcher.loads, **registry.describe()},
             )
             readiness.publish()
             stack.callback(readiness.close)
             _process.readiness = readiness
             stack.callback(setattr, _process, "readiness", None)
 
+            # Hot loading from now on; it stops before the device thread it warms on.
+            _process.watcher = watcher
+            stack.callback(setattr, _process, "watcher", None)
+            watcher.start()
+            stack.callback(watcher.close)
+
             deliveries = DeliveryTracker(
                 results, max_deliveries=settings.max_deliveries, ttl_s=settings.result_ttl_s
             )
             _process.runtime = Runtime(
-                model, batcher, settings=settings, broker=broker, deliveries=deliveries
+                registry, batcher, settings=settings, broker=broker, deliveries=deliveries
             )
             # The first step of a stop: jobs that arrive from now on go back to the queue.
             stack.callback(_withdraw_runtime)
 
             _process.stack = stack.pop_all()
         log.info(
-            "model ready in %.2fs on %s with %s (pid %d, %s pool)",
+            "models ready in %.2fs on %s with %s (pid %d, %s pool): %s",
             warm_s,
             device,
-            model.backend,
+            backends.current().name,
             os.getpid(),
             _Worker.pool,
+            {name: [v.version for v in vs] for name, vs in registry.served().items()},
         )
+
+
+def reload_models(*_: Any) -> None:
+    """SIGHUP: look at the model repository now (a no-op while the process does not serve)."""
+    watcher = _process.watcher
+    if watcher is not None:
+        watcher.wake()  # only sets an event: safe in a signal handler
+
+
+def install_reload_signal() -> None:
+    """Make SIGHUP reload the model repository (threads and solo pools: the serving process)."""
+    if _Worker.pool == "prefork":
+        return  # the children serve; they reload on PREDICTQ_MODEL_POLL_S
+    try:
+        signal.signal(signal.SIGHUP, reload_models)
+    except ValueError as e:  # not the main thread
+        log.warning("SIGHUP cannot reload the models (%s); they reload every poll", e)
+
+
+def _loaded(served: ServedVersion, *, device: str) -> None:
+    metrics.record_served(served.name, served.version, served.model, device)
+
+
+def _released(served: ServedVersion) -> None:
+    metrics.record_released(served.name, served.version)
+
+
+def _models_changed() -> None:
+    registry, readiness, watcher = _process.registry, _process.readiness, _process.watcher
+    if registry is not None and readiness is not None and watcher is not None:
+        readiness.update({"loads": watcher.loads, **registry.describe()})
 
 
 def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
@@ -310,68 +370,6 @@ def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
 def _withdraw_runtime() -> None:
     _process.stopped = True
     _process.runtime = None
-
-
-@contextmanager
-def _device_thread(model: LoadedModel, settings: Settings) -> Iterator[Batcher]:
-    """The batcher's device thread and its watchdog: started together, stopped together.
-
-    On exit the queued batches are finished (the jobs still running wait for
-    them) within ``shutdown_timeout_s``; the watchdog stops first, so a slow
-    drain is not taken for a hung device.
-    """
-    batcher = Batcher(
-        model,
-        max_batch_size=settings.max_batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        on_batch=metrics.record_batch,
-        on_isolate=metrics.record_isolation,
-    )
-    batcher.start()
-    stop = threading.Event()
-    watchdog = threading.Thread(
-        target=_watch,
-        args=(batcher, stop, settings.device_timeout_s),
-        name="predictq-device-watch",
-        daemon=True,
-    )
-    watchdog.start()
-    try:
-        yield batcher
-    finally:
-        stop.set()
-        if not batcher.close(settings.shutdown_timeout_s):
-            log.error("device thread did not finish within %.0fs", settings.shutdown_timeout_s)
-        watchdog.join(_WATCH_INTERVAL_S + 1)
-
-
-#: The longest the watchdog waits between two looks at a running device call.
-_WATCH_INTERVAL_S = 1.0
-
-
-def _watch(batcher: Batcher, stop: threading.Event, limit_s: float) -> None:
-    """Stop serving if the device thread dies, or if one device call runs past ``limit_s``.
-
-    A dead device thread serves nothing, and a device call that never returns (a
-    wedged GPU, a deadlocked native op) holds every job of this process forever
-    while its readiness record still says "ready". Either way the process stops
-    serving; its unacknowledged jobs are redelivered, and one that hangs every
-    time it runs ends as a poison job.
-    """
-    while not batcher.wait_ended(min(_WATCH_INTERVAL_S, limit_s / 4)):
-        running_s = batcher.call_running_s(time.monotonic())
-        if running_s > limit_s and not stop.is_set():
-            _cannot_serve(
-                PredictionError(
-                    f"a device call has run for {running_s:.0f}s, over "
-                    f"PREDICTQ_DEVICE_TIMEOUT_S={limit_s:g}: the device is hung"
-                )
-            )
-            return
-        if stop.is_set():
-            return
-    if batcher.crash is not None and not stop.is_set():
-        _cannot_serve(batcher.crash)
 
 
 def _cannot_serve(error: BaseException) -> None:

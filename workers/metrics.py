@@ -37,6 +37,8 @@ _LATENCY_BUCKETS_S: Final = (
     30.0,
 )
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Labels of every per-model metric: the model's name and version.
+_MODEL: Final = ("model", "version")
 
 JOBS: Final = Counter(
     "predictq_jobs", "Jobs finished by this worker process.", ["outcome", "error_type"]
@@ -55,21 +57,28 @@ MESSAGE_JOBS: Final = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 BATCH_SAMPLES: Final = Histogram(
-    "predictq_batch_size_samples", "Samples per device call.", buckets=_BATCH_BUCKETS
+    "predictq_batch_size_samples", "Samples per device call.", _MODEL, buckets=_BATCH_BUCKETS
 )
 BATCH_REQUESTS: Final = Histogram(
-    "predictq_batch_size_jobs", "Jobs (or job pieces) per device call.", buckets=_BATCH_BUCKETS
+    "predictq_batch_size_jobs",
+    "Jobs (or job pieces) per device call.",
+    _MODEL,
+    buckets=_BATCH_BUCKETS,
 )
 BATCHES_ISOLATED: Final = Counter(
     "predictq_batches_isolated",
     "Device calls that failed and were rerun job by job, so only the failing job fails.",
 )
 DEVICE_SECONDS: Final = Histogram(
-    "predictq_device_seconds", "Time of one device call (one batch).", buckets=_LATENCY_BUCKETS_S
+    "predictq_device_seconds",
+    "Time of one device call (one batch).",
+    _MODEL,
+    buckets=_LATENCY_BUCKETS_S,
 )
 BATCH_WAIT_SECONDS: Final = Histogram(
     "predictq_batch_wait_seconds",
     "Time the oldest job of a batch waited in the batcher.",
+    _MODEL,
     buckets=_LATENCY_BUCKETS_S,
 )
 QUEUE_WAIT_SECONDS: Final = Histogram(
@@ -78,23 +87,33 @@ QUEUE_WAIT_SECONDS: Final = Histogram(
     buckets=_LATENCY_BUCKETS_S,
 )
 MODEL_LOAD_SECONDS: Final = Gauge(
-    "predictq_model_load_seconds", "Time to load and warm up the model."
+    "predictq_model_load_seconds", "Time to load and warm up a loaded model version.", _MODEL
 )
-MODEL_LOADS: Final = Counter("predictq_model_loads", "Model loads in this process.")
-MODEL_READY: Final = Gauge("predictq_model_ready", "1 once the model is loaded and warm.")
-MODEL_INFO: Final = Info("predictq_model", "The served model.")
+MODEL_LOADS: Final = Counter(
+    "predictq_model_loads", "Model version loads in this process (one per version).", _MODEL
+)
+MODEL_LOAD_FAILURES: Final = Counter(
+    "predictq_model_load_failures",
+    "Model versions that failed to load or warm up and were skipped.",
+    _MODEL,
+)
+MODEL_READY: Final = Gauge(
+    "predictq_model_ready", "1 once the process serves (its models loaded and warm)."
+)
+MODEL_INFO: Final = Info("predictq_model", "A loaded model version.", _MODEL)
 MODEL_COMPILES: Final = Gauge(
     "predictq_model_compiles",
-    "Programs compiled for the model's inference call (one per traced input shape).",
+    "Programs compiled for a loaded version's inference call (one per traced input shape).",
+    _MODEL,
 )
 
 
 def record_batch(stats: BatchStats) -> None:
     """Batcher callback: one device call happened."""
-    BATCH_SAMPLES.observe(stats.samples)
-    BATCH_REQUESTS.observe(stats.requests)
-    DEVICE_SECONDS.observe(stats.device_s)
-    BATCH_WAIT_SECONDS.observe(stats.oldest_wait_s)
+    BATCH_SAMPLES.labels(*stats.labels).observe(stats.samples)
+    BATCH_REQUESTS.labels(*stats.labels).observe(stats.requests)
+    DEVICE_SECONDS.labels(*stats.labels).observe(stats.device_s)
+    BATCH_WAIT_SECONDS.labels(*stats.labels).observe(stats.oldest_wait_s)
 
 
 def record_isolation(_pieces: int) -> None:
@@ -102,14 +121,19 @@ def record_isolation(_pieces: int) -> None:
     BATCHES_ISOLATED.inc()
 
 
-def record_model(model: LoadedModel, load_s: float, device: str) -> None:
-    """The model is loaded and warm."""
+def record_load(name: str, version: int, load_s: float) -> None:
+    """A model version is loaded and warm (before it serves)."""
+    MODEL_LOADS.labels(name, str(version)).inc()
+    MODEL_LOAD_SECONDS.labels(name, str(version)).set(load_s)
+
+
+def record_served(name: str, version: int, model: LoadedModel, device: str) -> None:
+    """A model version serves: its info and compile count appear."""
+    labels = (name, str(version))
     spec = model.spec
-    MODEL_LOADS.inc()
-    MODEL_LOAD_SECONDS.set(load_s)
     # Read when scraped: a compile after warm-up (a shape no bucket held) shows.
-    MODEL_COMPILES.set_function(lambda: model.compiles)
-    MODEL_INFO.info(
+    MODEL_COMPILES.labels(*labels).set_function(lambda: model.compiles)
+    MODEL_INFO.labels(*labels).info(
         {
             "path": spec.path,
             "format": spec.format,
@@ -119,7 +143,13 @@ def record_model(model: LoadedModel, load_s: float, device: str) -> None:
             "outputs": "; ".join(s.describe() for s in spec.outputs),
         }
     )
-    MODEL_READY.set(1)
+
+
+def record_released(name: str, version: int) -> None:
+    """A model version was released: drop its gauges (the compile gauge holds the model)."""
+    labels = (name, str(version))
+    for gauge in (MODEL_COMPILES, MODEL_INFO, MODEL_LOAD_SECONDS):
+        gauge.remove(*labels)  # a no-op if never recorded
 
 
 def serve(port: int, address: str) -> WSGIServer | None:

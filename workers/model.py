@@ -57,6 +57,11 @@ class LoadedModel:
         """Programs compiled so far (one per traced input shape; 0 for eager PyTorch)."""
         return self._compiled.compiles()
 
+    @property
+    def warm_sizes(self) -> tuple[int, ...]:
+        """The batch sizes ``warm_up`` runs by default (the ones the backend compiles for)."""
+        return self._compiled.warm_sizes
+
     def __call__(self, inputs: Sequence[Array]) -> list[Array]:
         """Run one batch; returns one array per output, in ``spec.outputs`` order."""
         try:
@@ -78,7 +83,7 @@ class LoadedModel:
         memory is logged, not fatal: the batcher splits such batches when they
         happen.
         """
-        for n in batch_sizes or self._compiled.warm_sizes:
+        for n in batch_sizes or self.warm_sizes:
             zeros = [
                 np.zeros((n, *(d or 1 for d in s.feature_shape)), dtype=s.dtype)
                 for s in self.spec.inputs

@@ -17,6 +17,11 @@ client) could not read a msgpack result. The choice is made per job instead:
   kombu's JSON encoder (Celery's own JSON serializer) in Celery's usual shape;
   every other record with the app's msgpack serializer, as before.
 
+A successful record also holds ``model_version`` (top level, beside Celery's
+``status`` and ``result``): the version of the model that computed it, which the
+task puts on its request (``set_model_version``) and ``ResultBackend`` copies
+into every record it builds, so ``result`` stays what every client reads.
+
 A failure record holds the error's type, module and message. The worker's
 traceback (its file paths and code) stays in the worker's log unless
 ``PREDICTQ_RESULT_TRACEBACKS`` is on.
@@ -37,11 +42,14 @@ from kombu.utils import json as kombu_json
 
 from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype
 from predictq.errors import PredictionError
+from predictq.modelref import MODEL_VERSION_FIELD
 from predictq.payloads import REF_KEY
 from predictq.sentinel import is_sentinel_url
 
 #: Message header (then request attribute) set by the consumer: store a JSON result.
 JSON_RESULT: Final = "predictq_json_result"
+#: Request attribute: the model version that computed the job's result.
+MODEL_VERSION_ATTR: Final = "predictq_model_version"
 #: Celery configuration key read by ``ResultBackend`` (set from PREDICTQ_RESULT_TRACEBACKS).
 TRACEBACKS_CONF: Final = "predictq_result_tracebacks"
 
@@ -60,7 +68,14 @@ def refusal_request(content_type: object) -> Context:
     return Context({JSON_RESULT: wants_json(content_type)})
 
 
-def store_job_outcome(backend: Any, job_id: str, outcome: object, *, json_result: bool) -> None:
+def store_job_outcome(
+    backend: Any,
+    job_id: str,
+    outcome: object,
+    *,
+    json_result: bool,
+    model_version: int | None = None,
+) -> None:
     """Store one job of a coalesced message under its own id, as a single job's task would.
 
     ``outcome``: the job's (already JSON-ready, for a JSON job) outputs, or its
@@ -70,11 +85,18 @@ def store_job_outcome(backend: Any, job_id: str, outcome: object, *, json_result
     result fields a job carries.
     """
     request = Context({JSON_RESULT: json_result, "id": job_id})
+    if model_version is not None:
+        set_model_version(request, model_version)
     if isinstance(outcome, BaseException):
         trace = "".join(tb.format_exception(outcome))
         backend.store_result(job_id, outcome, states.FAILURE, traceback=trace, request=request)
     else:
         backend.store_result(job_id, outcome, states.SUCCESS, request=request)
+
+
+def set_model_version(request: Any, version: int) -> None:
+    """Record on the task's request which version computed its result (stored with it)."""
+    setattr(request, MODEL_VERSION_ATTR, version)
 
 
 def sent_ndarray_maps(raw: object) -> bool:
@@ -160,6 +182,25 @@ class _PredictqRecords:
             )
         finally:
             _storing_json.reset(token)
+
+    def _get_result_meta(
+        self,
+        result: Any,
+        state: str,
+        traceback: str | None,
+        request: Any,
+        format_date: bool = True,
+        encode: bool = False,
+    ) -> dict[str, Any]:
+        # Celery 5.7 builds every stored record here (celery/backends/base.py),
+        # success and failure alike: the one place to add a field to all of them.
+        meta: dict[str, Any] = super()._get_result_meta(  # type: ignore[misc]
+            result, state, traceback, request, format_date, encode
+        )
+        version = getattr(request, MODEL_VERSION_ATTR, None)
+        if isinstance(version, int):
+            meta[MODEL_VERSION_FIELD] = version
+        return meta
 
     def encode(self, data: Any) -> Any:
         if _storing_json.get():

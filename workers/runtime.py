@@ -1,16 +1,19 @@
-"""One job through a worker process: input, poison-job guard, batcher, output.
+"""One job through a worker process: model version, input, poison-job guard, batcher, output.
 
 The task (workers/tasks.py) calls ``Runtime.predict`` on its own pool thread.
 Every Redis round trip a job needs (its input, when it travelled by reference;
 the attempt count of a redelivered job) happens here, on that thread, before
 the job is handed to the batcher or after its result is back: the batcher's
 device thread only computes, so a slow Redis delays the jobs that need it and
-no others. workers/lifecycle.py builds the runtime when the process starts
-serving and takes it down when it stops.
+no others. The job holds its model version (a registry lease) from validation
+until its outputs are back, so a version retired meanwhile finishes it first.
+workers/lifecycle.py builds the runtime when the process starts serving and
+takes it down when it stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -22,10 +25,11 @@ import redis
 
 from predictq import payloads
 from predictq.errors import PredictqError, Requeue
+from predictq.modelref import DEFAULT_REF, ModelRef
 from predictq.settings import Settings
 from workers.batcher import Array, Batcher
 from workers.deliveries import DeliveryTracker
-from workers.model import LoadedModel
+from workers.registry import ModelRegistry, ServedVersion
 from workers.validation import validate
 
 log = logging.getLogger(__name__)
@@ -40,19 +44,27 @@ class JobContext:
     deadline: float | None  # time.monotonic() instant
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A job's outputs (in the model's own structure) and the version that computed them."""
+
+    outputs: object
+    version: int
+
+
 class Runtime:
-    """A loaded model serving predictions through one batcher."""
+    """The process's model versions serving predictions through one batcher."""
 
     def __init__(
         self,
-        model: LoadedModel,
+        registry: ModelRegistry,
         batcher: Batcher,
         *,
         settings: Settings,
         broker: redis.Redis,
         deliveries: DeliveryTracker,
     ) -> None:
-        self.model = model
+        self.registry = registry
         self.batcher = batcher
         self.settings = settings
         self._broker = broker  # referenced inputs live next to the queue
@@ -62,76 +74,90 @@ class Runtime:
         # process death is blamed on the one that ran (workers/deliveries.py).
         self._suspect = threading.Lock()
 
-    def predict(self, raw: object, job: JobContext) -> object:
-        """Validate, batch, run and restructure one job's prediction."""
-        if job.redelivered:
-            # Its worker may have died running it: count the attempt and run it
-            # alone (not announced: it never joins another job's batch).
-            outputs = self._run_suspect(self._validated(raw, job.task_id), job)
-        else:
-            with self.batcher.announce():
-                arrays = self._validated(raw, job.task_id)
-                future = self.batcher.submit(arrays, deadline=job.deadline)
-            outputs = future.result()
-        return self.model.spec.structure_outputs(outputs)
+    def predict(self, raw: object, job: JobContext, ref: ModelRef = DEFAULT_REF) -> Prediction:
+        """Validate, batch, run and restructure one job's prediction on ``ref``'s version.
+
+        Raises ``UnknownModel`` if this process does not serve that model or version.
+        """
+        with self.registry.lease(ref) as served:
+            if job.redelivered:
+                # Its worker may have died running it: count the attempt and run it
+                # alone (not announced: it never joins another job's batch).
+                outputs = self._run_suspect(self._validated(raw, job.task_id, served), job, served)
+            else:
+                with self.batcher.announce():
+                    arrays = self._validated(raw, job.task_id, served)
+                    future = self.batcher.submit(
+                        arrays, deadline=job.deadline, run=served, labels=served.labels
+                    )
+                outputs = future.result()
+            return Prediction(served.model.spec.structure_outputs(outputs), served.version)
 
     def predict_each(
-        self, jobs: Sequence[tuple[object, JobContext]]
-    ) -> Iterator[object | PredictqError]:
-        """Each job's outputs, or its own final error, in order, as each is ready.
+        self, jobs: Sequence[tuple[object, JobContext, ModelRef]]
+    ) -> Iterator[Prediction | PredictqError]:
+        """Each job's prediction, or its own final error, in order, as each is ready.
 
         The jobs of one message (workers/carriers.py). First deliveries are
-        validated and submitted together, so they share device calls. Once
-        redelivered, the message may hold a job that kills its worker, so each
-        job runs as a suspect, one at a time, counted under its own id: the
-        poison one reaches ``max_deliveries`` and fails alone. Retryable errors
-        (``Requeue``, ``ModelNotReady``) are raised: the whole message goes back.
+        validated and submitted together, so jobs on the same model version
+        share device calls. Once redelivered, the message may hold a job that
+        kills its worker, so each job runs as a suspect, one at a time, counted
+        under its own id: the poison one reaches ``max_deliveries`` and fails
+        alone. Retryable errors (``Requeue``, ``ModelNotReady``) are raised: the
+        whole message goes back. Each job holds its version's lease until the
+        generator is done, so a version retired meanwhile finishes them first.
         """
-        if any(job.redelivered for _, job in jobs):
-            for raw, job in jobs:
-                yield self._outcome(functools.partial(self._suspect_outputs, raw, job))
+        if any(job.redelivered for _, job, _ in jobs):
+            for raw, job, ref in jobs:
+                yield self._outcome(functools.partial(self.predict, raw, job, ref))
             return
-        pending: list[Future[list[Array]] | PredictqError] = []
-        with self.batcher.announce():
-            for raw, job in jobs:
-                try:
-                    arrays = self._validated(raw, job.task_id)
-                except PredictqError as e:
-                    if e.retryable:
-                        raise
-                    pending.append(e)
-                    continue
-                pending.append(self.batcher.submit(arrays, deadline=job.deadline))
-        for item in pending:
-            if isinstance(item, PredictqError):
-                yield item
-            else:
-                yield self._outcome(item.result)
+        pending: list[tuple[ServedVersion, Future[list[Array]]] | PredictqError] = []
+        with contextlib.ExitStack() as leases:
+            with self.batcher.announce():
+                for raw, job, ref in jobs:
+                    try:
+                        served = leases.enter_context(self.registry.lease(ref))
+                        arrays = self._validated(raw, job.task_id, served)
+                    except PredictqError as e:
+                        if e.retryable:
+                            raise
+                        pending.append(e)
+                        continue
+                    future = self.batcher.submit(
+                        arrays, deadline=job.deadline, run=served, labels=served.labels
+                    )
+                    pending.append((served, future))
+            for item in pending:
+                if isinstance(item, PredictqError):
+                    yield item
+                else:
+                    yield self._outcome(functools.partial(_prediction, *item))
 
-    def _suspect_outputs(self, raw: object, job: JobContext) -> list[Array]:
-        return self._run_suspect(self._validated(raw, job.task_id), job)
-
-    def _outcome(self, run: Callable[[], list[Array]]) -> object | PredictqError:
+    def _outcome(self, run: Callable[[], Prediction]) -> Prediction | PredictqError:
         try:
-            return self.model.spec.structure_outputs(run())
+            return run()
         except PredictqError as e:
             if e.retryable:
                 raise
             return e
 
-    def _validated(self, raw: object, task_id: str) -> list[Array]:
+    def _validated(self, raw: object, task_id: str, served: ServedVersion) -> list[Array]:
         return validate(
             self._resolve(raw, task_id),
-            self.model.spec,
+            served.model.spec,
             allow_nonfinite=self.settings.allow_nonfinite,
             max_job_samples=self.settings.max_job_samples,
         )
 
-    def _run_suspect(self, arrays: list[Array], job: JobContext) -> list[Array]:
+    def _run_suspect(
+        self, arrays: list[Array], job: JobContext, served: ServedVersion
+    ) -> list[Array]:
         with self._suspect:
             self._deliveries.count_attempt(job.task_id)
             try:
-                future = self.batcher.submit(arrays, deadline=job.deadline, isolated=True)
+                future = self.batcher.submit(
+                    arrays, deadline=job.deadline, isolated=True, run=served, labels=served.labels
+                )
                 return future.result()
             finally:
                 # Back on this thread, so this process survived the job (or it
@@ -156,3 +182,7 @@ class Runtime:
                 self._broker.delete(key)
         except (redis.RedisError, PredictqError) as e:
             log.warning("could not delete a job's stored input (it expires by itself): %s", e)
+
+
+def _prediction(served: ServedVersion, future: Future[list[Array]]) -> Prediction:
+    return Prediction(served.model.spec.structure_outputs(future.result()), served.version)

@@ -43,6 +43,13 @@ def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
     lifecycle.start_serving(nodename=str(sender), index=index)
 
 
+def _on_worker_ready(**_: Any) -> None:
+    # Celery installs its own SIGHUP handler (restart the worker by exec) in
+    # WorkController.on_start, after worker_init; worker_ready comes later, in
+    # the main thread, so this one replaces it: SIGHUP reloads the models.
+    lifecycle.install_reload_signal()
+
+
 def _on_worker_shutting_down(**_: Any) -> None:
     # Sent by Celery's signal handler in the main process when a warm or cold shutdown begins.
     lifecycle.shutdown_began()
@@ -60,6 +67,7 @@ def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
 signals.user_preload_options.connect(_on_cli_start)
 signals.worker_init.connect(_on_worker_init)
 signals.worker_process_init.connect(_on_worker_process_init)
+signals.worker_ready.connect(_on_worker_ready)
 signals.worker_shutting_down.connect(_on_worker_shutting_down)
 signals.worker_process_shutdown.connect(_on_worker_process_shutdown)
 signals.worker_shutdown.connect(_on_worker_shutdown)

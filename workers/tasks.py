@@ -1,13 +1,18 @@
 """The tasks a worker serves. Task name, arguments and result are the wire contract.
 
-``predictq.predict(inputs)``: exactly one argument, the model input (one array,
-a list of arrays in input order, or a dict by input name). Returns the model's
-output in the model's own structure (one array, a list, or a dict by name); for
-a job that arrived as JSON, in a form JSON carries (``workers.results``).
+``predictq.predict(inputs, model=None, version=None)``: the model input (one
+array, a list of arrays in input order, or a dict by input name), positional or
+``inputs=``; optionally the model's name and a pinned version as keyword
+arguments (predictq/modelref.py; absent: the default model, newest version).
+Returns the model's output in the model's own structure (one array, a list, or
+a dict by name); for a job that arrived as JSON, in a form JSON carries
+(``workers.results``). The stored result also says which version computed it
+(``model_version``, workers/results.py).
 
 ``predictq.predict_jobs(entries)``: several jobs in one message
 (predictq/carrier.py, run by workers/carriers.py); each job's result is stored
-under its own id, and the message's own result is a count of them.
+under its own id (with its ``model_version``), and the message's own result
+is a count of them. Entries name their model like the kwargs above.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from predictq.errors import (
     PredictqError,
     Requeue,
 )
+from predictq.modelref import KEYS as MODEL_KEYS
+from predictq.modelref import ModelRef, job_model
 from workers import metrics
 from workers.app import app
 from workers.carriers import run_carrier
 from workers.lifecycle import current_runtime
-from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps
+from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps, set_model_version
 from workers.runtime import JobContext
 
 
@@ -42,7 +49,7 @@ class PredictTask(Task):  # type: ignore[misc]
     """Base of the prediction task: late acks, typed errors, metrics."""
 
     # Expected, caller-caused outcomes: Celery logs them without a traceback.
-    throws = (InvalidInput, DeadlineExceeded, PoisonJob, DeviceOutOfMemory)
+    throws = (InvalidInput, DeadlineExceeded, PoisonJob, DeviceOutOfMemory)  # UnknownModel too
     acks_late = True
     # Predictions are pure: re-running a job whose worker died is safe.
     reject_on_worker_lost = True
@@ -74,14 +81,17 @@ def _forget_payload(args: Any, kwargs: Any, task_id: str) -> None:
             runtime.forget_payload(raw, task_id)
 
 
-def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
-    if len(args) == 1 and not kwargs:
-        return args[0]
-    if not args and set(kwargs) == {"inputs"}:
-        return kwargs["inputs"]
+def _the_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[object, ModelRef]:
+    """The job's input and model reference; InvalidInput for any other arguments."""
+    extra = set(kwargs) - MODEL_KEYS
+    if len(args) == 1 and not extra:
+        return args[0], job_model(kwargs, where=PREDICT_TASK)
+    if not args and extra == {"inputs"}:
+        return kwargs["inputs"], job_model(kwargs, where=PREDICT_TASK)
     raise InvalidInput(
-        f"{PREDICT_TASK}: expected exactly one argument `inputs`, received "
-        f"{len(args)} positional argument(s) and keyword arguments {sorted(kwargs)}"
+        f"{PREDICT_TASK}: expected exactly one argument `inputs`, received {len(args)} "
+        f"positional argument(s) and keyword arguments {sorted(kwargs)}; the only other "
+        f"keyword arguments are {sorted(MODEL_KEYS)}"
     )
 
 
@@ -108,16 +118,18 @@ def _context(request: Any) -> JobContext:
 
 def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
     """Predict the model's output for ``inputs``."""
-    raw = _the_input(args, kwargs)
+    raw, ref = _the_input(args, kwargs)
     metrics.MESSAGE_JOBS.observe(1)
     try:
         runtime = current_runtime()
-        outputs = runtime.predict(raw, _context(self.request))
+        prediction = runtime.predict(raw, _context(self.request), ref)
     except (ModelNotReady, Requeue) as e:
         # Not loaded yet, stopping, or Redis is restarting: hand the job back to
         # the queue (if Redis cannot take it back now, the visibility timeout
         # redelivers it). Predictions are pure, so running it again is safe.
         raise Reject(str(e), requeue=True) from e
+    set_model_version(self.request, prediction.version)
+    outputs = prediction.outputs
     if getattr(self.request, JSON_RESULT, False):
         # A JSON client gets the form it sent: nested lists, or ndarray maps.
         return json_outputs(outputs, as_maps=sent_ndarray_maps(raw))

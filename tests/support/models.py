@@ -24,6 +24,18 @@ def build_mlp(path: str, *, features: int = FEATURES, classes: int = CLASSES, se
     return path
 
 
+def build_wide(path: str, *, features: int = 1024, width: int = 1024, seed: int = 4) -> str:
+    """An MLP with about ``features * width * 4`` bytes of weights (4 MiB by default)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,), name="x")
+    hidden = keras.layers.Dense(width, activation="relu")(inputs)
+    outputs = keras.layers.Dense(CLASSES, name="probs")(hidden)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
 def build_multi_io(path: str, *, dict_io: bool = True, seed: int = 2) -> str:
     """Two inputs (a: 6 float features, b: 3x2 image-like), two outputs."""
     import keras

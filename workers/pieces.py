@@ -1,0 +1,78 @@
+"""What the batcher queues: a submitted job (``Request``) and its device-sized pieces.
+
+A piece is a contiguous slice of one request's samples, tagged with the model
+version (``run``) that must compute it; the batcher (workers/batcher.py) only
+batches pieces of the same ``run`` and input signature together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray[Any, Any]
+#: One device call: a model version's compiled call on a batch.
+RunFn = Callable[[list[Array]], list[Array]]
+
+
+class Request:
+    """One submitted job: its future and the outputs of its pieces, by sample offset."""
+
+    def __init__(self, n: int, deadline: float | None) -> None:
+        self.future: Future[list[Array]] = Future()
+        self.n = n
+        self.deadline = deadline
+        self.submitted_at = time.monotonic()
+        self._parts: dict[int, list[Array]] = {}
+        self._received = 0
+
+    def deliver(self, offset: int, outputs: list[Array]) -> None:
+        if self.future.done():
+            return
+        self._parts[offset] = outputs
+        self._received += outputs[0].shape[0]
+        if self._received < self.n:
+            return
+        ordered = [self._parts[k] for k in sorted(self._parts)]
+        if len(ordered) == 1:
+            self.future.set_result(ordered[0])
+        else:
+            self.future.set_result([np.concatenate(cols) for cols in zip(*ordered, strict=True)])
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class Piece:
+    """A contiguous slice ``[offset, offset + n)`` of one request's samples."""
+
+    request: Request
+    offset: int
+    inputs: list[Array]
+    isolated: bool
+    run: RunFn
+    labels: tuple[str, str]
+    signature: tuple[tuple[int, ...], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.signature = tuple(a.shape[1:] for a in self.inputs)
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def halves(self) -> tuple[Piece, Piece]:
+        k = self.n // 2
+        first = [a[:k] for a in self.inputs]
+        rest = [a[k:] for a in self.inputs]
+        return (
+            Piece(self.request, self.offset, first, self.isolated, self.run, self.labels),
+            Piece(self.request, self.offset + k, rest, self.isolated, self.run, self.labels),
+        )
