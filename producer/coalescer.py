@@ -32,8 +32,9 @@ Invariants, guarded by ``_lock`` (``_cond`` is a condition on it):
   ready (a non-holdable ticket always is), and otherwise, while no one leads,
   by the release thread at the latest ``max_hold_s`` after it queued: every
   held ticket is eventually published, or failed (``withdraw``, ``close``);
-* ``_unanswered`` counts published messages with an answer future none of
-  whose futures is done; each message leaves the count once.
+* ``_unanswered`` is the number of messages in ``_open``: published, with
+  answer futures, none seen done yet; each leaves once (``_mark_answered``),
+  on its first answer's callback or earlier, when a submit finds it done.
 
 Every ticket ends resolved (``sent`` done, ``on_sent`` called once), whatever
 the publish raises: ``_send_batch`` catches everything around the one call, so
@@ -103,10 +104,11 @@ class Ticket(Generic[T]):
 class _Message:
     """A published message awaiting its first answer."""
 
-    __slots__ = ("answered",)
+    __slots__ = ("answered", "answers")
 
-    def __init__(self) -> None:
+    def __init__(self, answers: list[Future[Any]]) -> None:
         self.answered = False
+        self.answers = answers
 
 
 class Coalescer(Generic[T]):
@@ -142,6 +144,7 @@ class Coalescer(Generic[T]):
         self._queue: deque[Ticket[T]] = deque()
         self._eager = 0  # non-holdable tickets in _queue
         self._unanswered = 0
+        self._open: dict[_Message, None] = {}  # the unanswered messages, oldest first
         self._closed = False
         self._releaser: threading.Thread | None = None
         # A batch taken by _answered for the release thread to lead (_busy is set).
@@ -170,7 +173,7 @@ class Coalescer(Generic[T]):
                     self._eager += 1
                 if self._busy:
                     pass  # the leader takes it
-                elif ticket.holdable and self._hold_s and self._unanswered >= self._cap():
+                elif ticket.holdable and self._hold_s and self._over_cap():
                     self.held += 1
                     self._start_releaser()
                     self._cond.notify()  # the release thread times its hold
@@ -256,11 +259,34 @@ class Coalescer(Generic[T]):
             log.exception("max_unanswered failed; using 1")
             return 1
 
+    def _over_cap(self) -> bool:
+        """Whether ``max_unanswered()`` messages are unanswered (caller holds _lock)."""
+        cap = self._cap()
+        if self._unanswered < cap:
+            return False
+        # A future wakes the thread waiting on it before it runs its callbacks:
+        # a predict caller may submit again before _answered saw its result.
+        for message in list(self._open):
+            if any(f.done() for f in message.answers):
+                self._mark_answered(message)
+                if self._unanswered < cap:
+                    return False
+        return True
+
+    def _mark_answered(self, message: _Message) -> bool:
+        """Count ``message`` as answered, once; False if it already was (caller holds _lock)."""
+        if message.answered:
+            return False
+        message.answered = True
+        self._unanswered -= 1
+        del self._open[message]
+        return True
+
     def _ready(self, now: float) -> bool:
         """Whether the queue is to be published now (caller holds _lock)."""
         if not self._queue:
             return False
-        if self._eager or self._unanswered < self._cap():
+        if self._eager or not self._over_cap():
             return True
         return now - self._queue[0].queued_at >= self._hold_s
 
@@ -326,10 +352,8 @@ class Coalescer(Generic[T]):
         so that this thread never publishes.
         """
         with self._cond:
-            if message.answered:
+            if not self._mark_answered(message):
                 return
-            message.answered = True
-            self._unanswered -= 1
             if self._busy or not self._ready(time.monotonic()):
                 return
             self._busy = True
@@ -349,14 +373,16 @@ class Coalescer(Generic[T]):
             error = e
         else:
             answers = [t.answer for t in batch if t.answer is not None]
+            message = _Message(answers)
             with self._lock:
                 self.messages += 1
                 self.jobs += len(batch)
                 if answers:
                     self._unanswered += 1
+                    self._open[message] = None
             if answers:
                 # Outside the lock: a future already done runs the callback here.
-                on_answer = functools.partial(self._answered, _Message())
+                on_answer = functools.partial(self._answered, message)
                 for answer in answers:
                     answer.add_done_callback(on_answer)
         for i, ticket in enumerate(batch):
