@@ -239,6 +239,21 @@ class Settings:
             "count a few hundred bytes each)."
         },
     )
+    coalesce_max_unanswered: int = field(
+        default=0,
+        metadata={
+            "help": "predict()/apredict() jobs wait to share the next message while this many "
+            "of the client's messages have no answer yet; 0 = the number of worker processes "
+            "serving the queue (read from their readiness records)."
+        },
+    )
+    coalesce_max_hold_ms: float = field(
+        default=20.0,
+        metadata={
+            "help": "Longest a predict()/apredict() job waits for an answer to release it "
+            "before it is sent anyway; 0 = never hold."
+        },
+    )
 
     # --- Operations --------------------------------------------------------
     metrics_port: int | None = field(
@@ -400,6 +415,18 @@ class Settings:
             "coalesce_max_jobs",
             self.coalesce_max_jobs,
             f"an integer between 1 and {MAX_JOBS} (what a worker accepts in one message)",
+        )
+        _require(
+            0 <= self.coalesce_max_unanswered <= 4096,
+            "coalesce_max_unanswered",
+            self.coalesce_max_unanswered,
+            "an integer between 0 (auto: one per serving worker process) and 4096",
+        )
+        _require(
+            0 <= self.coalesce_max_hold_ms <= 10_000,
+            "coalesce_max_hold_ms",
+            self.coalesce_max_hold_ms,
+            "milliseconds between 0 (never hold) and 10000",
         )
         _require(
             self.coalesce_max_samples >= 1,

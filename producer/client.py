@@ -55,6 +55,7 @@ from producer.models import ServedModels
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 from producer.sender import Outgoing, Sender
+from producer.serving import ServingWorkers
 from producer.wire import JobInput
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,17 @@ class PredictionClient:
         self._sender = Sender(self._publisher, self.settings)
         # Concurrent submits share messages (producer/coalescer.py); a carrier
         # stays well under the size a worker accepts (PREDICTQ_MAX_PAYLOAD_BYTES).
+        # predict/apredict jobs wait to share a message while this client has
+        # max_unanswered messages with no answer yet (auto: one per serving worker).
+        self._serving = ServingWorkers(self._results, self.settings.queue)
+        cap = self.settings.coalesce_max_unanswered
         self._coalescer: Coalescer[Outgoing] = Coalescer(
             self._sender.publish,
             max_jobs=self.settings.coalesce_max_jobs,
             max_samples=self.settings.coalesce_max_samples,
             max_bytes=min(self.settings.coalesce_max_bytes, self.settings.max_payload_bytes // 2),
+            max_unanswered=(lambda: cap) if cap else self._serving.count,
+            max_hold_s=self.settings.coalesce_max_hold_ms / 1000,
         )
         # Results are decoded on the collector thread, with the backend's own
         # decoder (serializer checks and exception rebuilding included).
@@ -145,9 +152,16 @@ class PredictionClient:
         rows: slice | None,
         task: str = PREDICT_TASK,
         ref: ModelRef = DEFAULT_REF,
+        holdable: bool = False,
     ) -> Job:
         job, ticket = self._enqueue(
-            job_input, deadline_s=deadline_s, rows=rows, task=task, waiting=True, ref=ref
+            job_input,
+            deadline_s=deadline_s,
+            rows=rows,
+            task=task,
+            waiting=True,
+            ref=ref,
+            holdable=holdable,
         )
         ticket.sent.result()  # the publish error, if any (its slot is free again)
         return job
@@ -161,10 +175,12 @@ class PredictionClient:
         task: str,
         waiting: bool,
         ref: ModelRef = DEFAULT_REF,
+        holdable: bool = False,
     ) -> tuple[Job, Ticket[Outgoing]]:
         """Admit one job and hand it to the coalescer; ``ticket.sent`` tells when it is out.
 
         ``waiting``: return only once it is published (else asyncio awaits ``sent``).
+        ``holdable``: its caller waits for the result, so it may wait to share a message.
         """
         if self._closed:
             raise PredictqError("the client is closed")
@@ -188,6 +204,8 @@ class PredictionClient:
             nbytes=self._sender.wire_bytes(job_input),
             on_sent=functools.partial(self._sent, outgoing, future),
             waiting=waiting,
+            holdable=holdable and task == PREDICT_TASK,
+            answer=future if task == PREDICT_TASK else None,
         )
         if task == PREDICT_TASK:
             self._coalescer.submit(ticket)
@@ -255,7 +273,10 @@ class PredictionClient:
         once; the caller has no handle to wait on it again), like ``apredict``.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = self.submit(inputs, deadline_s=deadline_s, model=model, version=version)
+        ref = _model_ref(model, version)
+        job = self._submit(
+            wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref, holdable=True
+        )
         try:
             return job.get(timeout)
         except ResultTimeout:
@@ -280,27 +301,32 @@ class PredictionClient:
 
         The submit (input checks, Redis I/O, waiting for an in-flight slot) runs
         on the client's submit threads, never on the event loop. If the awaiting
-        task is cancelled meanwhile, a job already sent is forgotten at once.
+        task is cancelled meanwhile, a job not yet sent never is, and one already
+        sent is forgotten at once.
         """
+        return await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=False)
+
+    async def _asubmit(
+        self, inputs: object, deadline_s: float | None, ref: ModelRef, *, holdable: bool
+    ) -> Job:
         if self._closed:
             raise PredictqError("the client is closed")
         # On a submit thread: checks, an in-flight slot, then the coalescer, which
         # returns at once (the job goes out with the next message) unless this
         # thread has to publish.
-        enqueue = functools.partial(
-            self._enqueue_async, inputs, deadline_s, _model_ref(model, version)
-        )
+        enqueue = functools.partial(self._enqueue_async, inputs, deadline_s, ref, holdable)
         job, ticket = await self._submit_pool.run(enqueue, abandoned=_forget_enqueued)
         try:
             await wait_done(ticket.sent, None)
         except asyncio.CancelledError:
+            self._coalescer.withdraw(ticket)  # still queued (held): never sent
             job.forget()
             raise
         ticket.sent.result()  # the publish error, if any (its slot is free again)
         return job
 
     def _enqueue_async(
-        self, inputs: object, deadline_s: float | None, ref: ModelRef
+        self, inputs: object, deadline_s: float | None, ref: ModelRef, holdable: bool
     ) -> tuple[Job, Ticket[Outgoing]]:
         return self._enqueue(
             wire.normalize(inputs),
@@ -309,6 +335,7 @@ class PredictionClient:
             task=PREDICT_TASK,
             waiting=False,
             ref=ref,
+            holdable=holdable,
         )
 
     async def apredict(
@@ -327,7 +354,7 @@ class PredictionClient:
         is freed at once, though the job itself may still run on a worker.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = await self.asubmit(inputs, deadline_s=deadline_s, model=model, version=version)
+        job = await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=True)
         try:
             return await job.aget(timeout)
         except ResultTimeout:
@@ -434,6 +461,8 @@ class PredictionClient:
             return
         self._closed = True
         self._submit_pool.close()  # before the connections that running submits use
+        self._coalescer.close()  # held jobs fail: "the client is closed"
+        self._serving.close()
         self._recovery.close()
         self._collector.close()
         self._app.close()

@@ -13,9 +13,29 @@ Tickets of asyncio submits (``waiting=False``) have no thread waiting on them:
 when a batch holds only such tickets, the leader publishes it as well, and goes
 on until the queue is empty or a batch with a waiting thread can take over.
 
-Invariant, guarded by ``_lock``: ``_busy`` is True exactly while one thread is
-leader (between taking a batch and handing over or finding the queue empty),
-and every queued ticket is then eventually taken by that thread or a successor.
+Holding. A publish takes a fraction of a millisecond, so callers that each
+wait for their result before submitting again (``predict`` in a closed loop)
+rarely overlap one, and every job would travel alone. A *holdable* ticket (its
+caller waits for the result anyway: ``predict``, ``apredict``) that finds
+``max_unanswered()`` of this client's messages without a single answer yet
+queues instead of being published; the queue goes out as one message when one
+of those messages gets its first answer (a done-callback on the job's result
+future, run by the collector thread), or when its oldest ticket has waited
+``max_hold_s`` (no worker, or a slow one). The release thread of this object
+does both, waiting on ``_cond``: no polling.
+
+Invariants, guarded by ``_lock`` (``_cond`` is a condition on it):
+
+* ``_busy`` is True exactly while one thread is leader (between taking a batch
+  and handing it over or finding nothing ready): never two leaders;
+* a queued ticket is taken by the leader or a successor as soon as it is
+  ready (a non-holdable ticket always is), and otherwise, while no one leads,
+  by the release thread at the latest ``max_hold_s`` after it queued: every
+  held ticket is eventually published, or failed (``withdraw``, ``close``);
+* ``_unanswered`` is the number of messages in ``_open``: published, with
+  answer futures, none seen done yet; each leaves once (``_mark_answered``),
+  on its first answer's callback or earlier, when a submit finds it done.
+
 Every ticket ends resolved (``sent`` done, ``on_sent`` called once), whatever
 the publish raises: ``_send_batch`` catches everything around the one call, so
 a follower never waits forever.
@@ -23,12 +43,14 @@ a follower never waits forever.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Generic, TypeVar
+from concurrent.futures import CancelledError, Future
+from typing import Any, Generic, TypeVar
 
 from predictq.errors import PredictqError
 
@@ -48,6 +70,8 @@ class Ticket(Generic[T]):
         nbytes: int,
         on_sent: Callable[[BaseException | None], None],
         waiting: bool,
+        holdable: bool = False,
+        answer: Future[Any] | None = None,
     ) -> None:
         self.item = item
         self.samples = samples
@@ -55,6 +79,11 @@ class Ticket(Generic[T]):
         #: Done once the job's message is in Redis; its exception if the publish failed.
         self.sent: Future[None] = Future()
         self.waiting = waiting
+        #: Its caller waits for the result anyway: it may wait to share a message.
+        self.holdable = holdable
+        #: Done when the job's result (or error) arrives: its message is answered.
+        self.answer = answer
+        self.queued_at = 0.0
         self._on_sent = on_sent
         self._wake = threading.Event()
         self._lead: list[Ticket[T]] | None = None
@@ -72,6 +101,16 @@ class Ticket(Generic[T]):
         self._wake.set()
 
 
+class _Message:
+    """A published message awaiting its first answer."""
+
+    __slots__ = ("answered", "answers")
+
+    def __init__(self, answers: list[Future[Any]]) -> None:
+        self.answered = False
+        self.answers = answers
+
+
 class Coalescer(Generic[T]):
     """Publishes tickets through ``send`` (a list of one or more items per message)."""
 
@@ -82,22 +121,38 @@ class Coalescer(Generic[T]):
         max_jobs: int,
         max_samples: int,
         max_bytes: int,
+        max_unanswered: Callable[[], int] = lambda: 1,
+        max_hold_s: float = 0.0,
     ) -> None:
         for name, value in (("max_jobs", max_jobs), ("max_samples", max_samples)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(max_bytes, int) or max_bytes < 1:
             raise ValueError(f"max_bytes must be an integer >= 1, got {max_bytes!r}")
+        if not 0 <= max_hold_s <= 10:
+            raise ValueError(f"max_hold_s must be seconds between 0 and 10, got {max_hold_s!r}")
         self._send = send
         self._max_jobs = max_jobs
         self._max_samples = max_samples
         self._max_bytes = max_bytes
+        self._max_unanswered = max_unanswered
+        # Holding only pays when messages carry several jobs.
+        self._hold_s = max_hold_s if max_jobs > 1 else 0.0
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._busy = False
         self._queue: deque[Ticket[T]] = deque()
-        #: Messages published, and jobs in them (for tests and the benchmark).
+        self._eager = 0  # non-holdable tickets in _queue
+        self._unanswered = 0
+        self._open: dict[_Message, None] = {}  # the unanswered messages, oldest first
+        self._closed = False
+        self._releaser: threading.Thread | None = None
+        # A batch taken by _answered for the release thread to lead (_busy is set).
+        self._orphan: list[Ticket[T]] | None = None
+        #: Messages published, jobs in them, and jobs held when submitted (tests, benchmark).
         self.messages = 0
         self.jobs = 0
+        self.held = 0
 
     def submit(self, ticket: Ticket[T]) -> None:
         """Publish ``ticket``'s job, alone now or with others soon.
@@ -106,13 +161,28 @@ class Coalescer(Generic[T]):
         is done; it holds the publish error, if any). A non-waiting one returns
         at once unless its thread has to publish.
         """
-        with self._lock:
-            if self._busy:
-                self._queue.append(ticket)
-                batch = None
+        batch: list[Ticket[T]] | None = None
+        with self._cond:
+            if self._closed:
+                closed = True
             else:
-                self._busy = True
-                batch = [ticket]
+                closed = False
+                ticket.queued_at = time.monotonic()
+                self._queue.append(ticket)
+                if not ticket.holdable or not self._hold_s:
+                    self._eager += 1
+                if self._busy:
+                    pass  # the leader takes it
+                elif ticket.holdable and self._hold_s and self._over_cap():
+                    self.held += 1
+                    self._start_releaser()
+                    self._cond.notify()  # the release thread times its hold
+                else:
+                    self._busy = True
+                    batch = self._take()
+        if closed:
+            ticket._resolve(PredictqError("the client is closed"))
+            return
         if batch is None:
             if not ticket.waiting:
                 return
@@ -126,20 +196,99 @@ class Coalescer(Generic[T]):
         """Publish ``ticket``'s job in a message of its own, now, on this thread."""
         self._send_batch([ticket])
 
+    def withdraw(self, ticket: Ticket[T]) -> bool:
+        """Take a still queued ticket back (its caller went away): it is never published.
+
+        True if it was queued; it is then resolved with ``CancelledError``.
+        False if it is already published or being published.
+        """
+        with self._cond:
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                return False
+            if not ticket.holdable or not self._hold_s:
+                self._eager -= 1
+        ticket._resolve(CancelledError())
+        return True
+
+    def close(self) -> None:
+        """Fail the queued tickets ("the client is closed") and stop the release thread."""
+        with self._cond:
+            self._closed = True
+            queued, self._queue = list(self._queue), deque()
+            self._eager = 0
+            self._cond.notify_all()
+            releaser = self._releaser
+        if releaser is not None and releaser is not threading.current_thread():
+            releaser.join(5)
+        for ticket in queued:
+            ticket._resolve(PredictqError("the client is closed"))
+
+    # --- leading ---------------------------------------------------------------
+
     def _lead(self, batch: list[Ticket[T]]) -> None:
         while True:
             self._send_batch(batch)
-            with self._lock:
-                batch = self._take()
+            with self._cond:
+                batch = self._take() if self._ready(time.monotonic()) else []
                 if not batch:
                     self._busy = False
+                    if self._queue:  # held tickets: the release thread times their hold
+                        self._start_releaser()
+                        self._cond.notify()
                     return
-            successor = next((t for t in batch if t.waiting), None)
-            if successor is not None:
-                successor._lead = batch
-                successor._wake.set()
+            if self._hand_over(batch):
                 return
             # Only asyncio tickets, with no thread of their own: publish them here.
+
+    def _hand_over(self, batch: list[Ticket[T]]) -> bool:
+        """Make a waiting thread of ``batch`` its leader; False if it has none."""
+        successor = next((t for t in batch if t.waiting), None)
+        if successor is None:
+            return False
+        successor._lead = batch
+        successor._wake.set()
+        return True
+
+    def _cap(self) -> int:
+        """Unanswered messages past which holdable tickets wait (caller holds _lock)."""
+        try:
+            return max(1, self._max_unanswered())
+        except Exception:  # a broken policy must not stop publishing
+            log.exception("max_unanswered failed; using 1")
+            return 1
+
+    def _over_cap(self) -> bool:
+        """Whether ``max_unanswered()`` messages are unanswered (caller holds _lock)."""
+        cap = self._cap()
+        if self._unanswered < cap:
+            return False
+        # A future wakes the thread waiting on it before it runs its callbacks:
+        # a predict caller may submit again before _answered saw its result.
+        for message in list(self._open):
+            if any(f.done() for f in message.answers):
+                self._mark_answered(message)
+                if self._unanswered < cap:
+                    return False
+        return True
+
+    def _mark_answered(self, message: _Message) -> bool:
+        """Count ``message`` as answered, once; False if it already was (caller holds _lock)."""
+        if message.answered:
+            return False
+        message.answered = True
+        self._unanswered -= 1
+        del self._open[message]
+        return True
+
+    def _ready(self, now: float) -> bool:
+        """Whether the queue is to be published now (caller holds _lock)."""
+        if not self._queue:
+            return False
+        if self._eager or not self._over_cap():
+            return True
+        return now - self._queue[0].queued_at >= self._hold_s
 
     def _take(self) -> list[Ticket[T]]:
         """The next batch from the queue, FIFO, within the bounds (caller holds _lock)."""
@@ -152,9 +301,69 @@ class Coalescer(Generic[T]):
             if batch and not fits:
                 break
             batch.append(self._queue.popleft())
+            if not ticket.holdable or not self._hold_s:
+                self._eager -= 1
             samples += ticket.samples
             nbytes += ticket.nbytes
         return batch
+
+    # --- releasing held tickets ------------------------------------------------
+
+    def _start_releaser(self) -> None:
+        """Start the release thread, once (caller holds _lock)."""
+        if self._releaser is None:
+            self._releaser = threading.Thread(
+                target=self._release_loop, name="predictq-coalesce", daemon=True
+            )
+            self._releaser.start()
+
+    def _release_loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._orphan is not None:
+                        batch, self._orphan = self._orphan, None
+                        break
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    if not self._busy and self._ready(now):
+                        self._busy = True
+                        batch = self._take()
+                        break
+                    # Only a hold limit needs a timeout; answers and leaders notify.
+                    wait_s = None
+                    if not self._busy and self._queue:
+                        wait_s = self._queue[0].queued_at + self._hold_s - now
+                    self._cond.wait(wait_s)
+            if not self._hand_over(batch):
+                try:
+                    self._lead(batch)
+                except Exception:  # _send_batch resolves every ticket; this is a bug
+                    log.exception("releasing held jobs failed")
+
+    def _answered(self, message: _Message, _future: Future[Any]) -> None:
+        """A result of ``message`` arrived (or its caller forgot it): it is answered.
+
+        Runs on the collector thread (or a thread that forgets a job). Held jobs
+        go now: their batch is handed straight to one of their waiting threads
+        (a thread switch less than through the release thread, which counts
+        under a busy GIL); a batch of asyncio jobs only, to the release thread,
+        so that this thread never publishes.
+        """
+        with self._cond:
+            if not self._mark_answered(message):
+                return
+            if self._busy or not self._ready(time.monotonic()):
+                return
+            self._busy = True
+            batch = self._take()
+            if not any(t.waiting for t in batch):
+                self._orphan = batch
+                self._start_releaser()
+                self._cond.notify()
+                return
+        self._hand_over(batch)
 
     def _send_batch(self, batch: list[Ticket[T]]) -> None:
         error: BaseException | None = None
@@ -163,9 +372,19 @@ class Coalescer(Generic[T]):
         except BaseException as e:  # every ticket gets it, then it is re-raised by its caller
             error = e
         else:
+            answers = [t.answer for t in batch if t.answer is not None]
+            message = _Message(answers)
             with self._lock:
                 self.messages += 1
                 self.jobs += len(batch)
+                if answers:
+                    self._unanswered += 1
+                    self._open[message] = None
+            if answers:
+                # Outside the lock: a future already done runs the callback here.
+                on_answer = functools.partial(self._answered, message)
+                for answer in answers:
+                    answer.add_done_callback(on_answer)
         for i, ticket in enumerate(batch):
             ticket._resolve(error if i == 0 or error is None else _own_copy(error))
 

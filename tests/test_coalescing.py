@@ -316,18 +316,20 @@ def test_asyncio_submits_coalesce_and_a_cancelled_one_frees_its_slot(
         await asyncio.to_thread(held.holding.wait, 30)
         tasks = [asyncio.ensure_future(client.apredict(x, timeout=60)) for x in xs]
         doomed = asyncio.ensure_future(client.apredict(xs[0], timeout=60))
-        await asyncio.to_thread(held.release_when_queued, len(xs) + 1)
-        doomed.cancel()
+        everyone = len(xs) + 1
+        await asyncio.to_thread(wait_for, lambda: queued(client._coalescer) >= everyone, 30, "all")
+        doomed.cancel()  # while queued: it is taken back, never sent
         with pytest.raises(asyncio.CancelledError):
             await doomed
+        await asyncio.to_thread(held.release_when_queued, len(xs))
         await opener
         return await asyncio.gather(*tasks)
 
     outs = asyncio.run(main())
     for i, (x, out) in enumerate(zip(xs, outs, strict=True)):
         assert np.allclose(out, models.reference(mlp_path, x), atol=1e-5), i
-    # The opener alone, then the 49 queued behind it in one message.
-    assert (client._coalescer.messages - before[0], client._coalescer.jobs - before[1]) == (2, 50)
+    # The opener alone, then the 48 queued behind it in one message.
+    assert (client._coalescer.messages - before[0], client._coalescer.jobs - before[1]) == (2, 49)
     # Every slot is free again, the cancelled job's included.
     assert client._collector.pending() == 0
     slots = client.settings.max_in_flight
