@@ -29,23 +29,19 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import redis
-
 from predictq.celeryconf import PREDICT_TASK, celery_config
 from predictq.codec import register_serializer
 from predictq.errors import (
-    BrokerUnavailable,
-    PayloadTooLarge,
     PredictqError,
-    QueueFull,
     ResultTimeout,
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
 from predictq.modelref import DEFAULT_REF, ModelRef, job_model
 from predictq.redis_client import client_for
-from predictq.settings import Settings, mask_url
+from predictq.settings import Settings
 from producer import bulk, wire
+from producer.admission import QueueGate, check_size
 from producer.aio import SubmitPool, wait_done
 from producer.app import ProducerApp
 from producer.coalescer import Coalescer, Ticket
@@ -115,8 +111,7 @@ class PredictionClient:
             republish=self._republish,
         )
         self._slots = threading.BoundedSemaphore(self.settings.max_in_flight)
-        self._queue_lock = threading.Lock()
-        self._queue_estimate: tuple[float, int] = (0.0, 0)
+        self._queue = QueueGate(self._broker, self.settings, self._sender.retrying)
         self._submit_pool = SubmitPool()
         self._closed = False
 
@@ -185,9 +180,9 @@ class PredictionClient:
         if self._closed:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
-        self._check_size(job_input)
+        check_size(job_input, self.settings)
         self._served_models.check(ref)
-        self._check_queue_length()
+        self._queue.admit()
         if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
             raise TooManyInFlight(
                 f"expected at most {self.settings.max_in_flight} unfinished jobs "
@@ -223,15 +218,6 @@ class PredictionClient:
         self._unfinished[job.job_id] = dataclasses.replace(job, give_up=None)
         self._recovery.track(job.job_id)
         future.add_done_callback(lambda _f: self._finished(job.job_id))
-
-    def _check_size(self, job_input: JobInput) -> None:
-        """Refuse a job that the workers would refuse, before it is sent."""
-        limit = self.settings.max_payload_bytes
-        if job_input.nbytes > limit:
-            raise PayloadTooLarge(
-                f"inputs: expected at most {limit} bytes per job (PREDICTQ_MAX_PAYLOAD_BYTES), "
-                f"received {job_input.nbytes} bytes; use predict_many() to split it"
-            )
 
     def _job(self, job_id: str, future: Any, rows: slice | None = None) -> Job:
         return Job(
@@ -365,40 +351,7 @@ class PredictionClient:
 
     def queue_length(self) -> int:
         """Jobs waiting in the queue (not yet reserved by a worker)."""
-        try:
-            return self._queue_length()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise BrokerUnavailable(
-                f"cannot read the queue length from {mask_url(self.settings.broker_url)}: {e}"
-            ) from e
-
-    def _queue_length(self) -> int:
-        pipe = self._broker.pipeline(transaction=False)
-        for key in queue_keys(self.settings.queue):
-            pipe.llen(key)
-        return int(sum(pipe.execute()))
-
-    def _check_queue_length(self) -> None:
-        cap = self.settings.max_queue_length
-        if cap is None:
-            return
-        # One LLEN per 50 ms at most; in between, count this client's own
-        # submits on top, so a single producer never overshoots the cap (several
-        # producers may, by at most their submits in that window).
-        with self._queue_lock:
-            measured_at, length = self._queue_estimate
-            now = time.monotonic()
-            if now - measured_at > 0.05:
-                # Retried like the publish itself: submit's promise is to retry
-                # an unreachable Redis until PREDICTQ_SUBMIT_TIMEOUT_S.
-                length = self._sender.retrying(self._queue_length)
-            if length >= cap:
-                self._queue_estimate = (now, length)
-                raise QueueFull(
-                    f"queue {self.settings.queue!r}: expected fewer than {cap} waiting jobs "
-                    f"(PREDICTQ_MAX_QUEUE_LENGTH), found {length}"
-                )
-            self._queue_estimate = (now if now - measured_at > 0.05 else measured_at, length + 1)
+        return self._queue.length()
 
     # --- bulk ------------------------------------------------------------------
 
