@@ -137,7 +137,7 @@ def wait_until_flower_hears_the_worker(flower: Flower) -> None:
     wait_for(worker_heard, 60, "Flower to receive the mlp worker's events", flower.log)
 
 
-def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: PredictionClient) -> None:
+def test_flower_shows_submitted_jobs_as_succeeded_with_their_model_version(flower: Flower, client: PredictionClient) -> None:
     wait_until_flower_hears_the_worker(flower)
     jobs = [client.submit(np.full((2, F), i, np.float32)) for i in range(4)]
     for job in jobs:
@@ -152,6 +152,9 @@ def test_flower_shows_submitted_jobs_as_succeeded(flower: Flower, client: Predic
 
     seen = wait_for(all_succeeded, 60, "Flower to show the jobs as SUCCESS", flower.log)
     assert {t["name"] for t in seen.values()} == {"predictq.predict"}
+    # Each row names the model version that computed it (PREDICTQ_MODEL_PATH: 'default', 1).
+    for task in seen.values():
+        assert task["result"].startswith("[model 'default' version 1] "), task["result"]
 
 
 def test_flower_shows_a_coalesced_message_with_its_job_count_and_outcome(

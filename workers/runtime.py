@@ -50,6 +50,8 @@ class Prediction:
 
     outputs: object
     version: int
+    #: The model's name (``default`` for PREDICTQ_MODEL_PATH).
+    model: str
 
 
 class Runtime:
@@ -91,7 +93,9 @@ class Runtime:
                         arrays, deadline=job.deadline, run=served, labels=served.labels
                     )
                 outputs = future.result()
-            return Prediction(served.model.spec.structure_outputs(outputs), served.version)
+            return Prediction(
+                served.model.spec.structure_outputs(outputs), served.version, served.name
+            )
 
     def predict_each(
         self, jobs: Sequence[tuple[object, JobContext, ModelRef]]
@@ -185,4 +189,5 @@ class Runtime:
 
 
 def _prediction(served: ServedVersion, future: Future[list[Array]]) -> Prediction:
-    return Prediction(served.model.spec.structure_outputs(future.result()), served.version)
+    outputs = served.model.spec.structure_outputs(future.result())
+    return Prediction(outputs, served.version, served.name)

@@ -41,6 +41,7 @@ from workers import metrics
 from workers.app import app
 from workers.carriers import run_carrier
 from workers.lifecycle import current_runtime
+from workers.requests import PredictRequest, record_served
 from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps, set_model_version
 from workers.runtime import JobContext
 
@@ -54,6 +55,8 @@ class PredictTask(Task):  # type: ignore[misc]
     # Predictions are pure: re-running a job whose worker died is safe.
     reject_on_worker_lost = True
     typing = False
+    # Its succeeded event names the model version, for Flower (workers/requests.py).
+    Request = PredictRequest
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         metrics.JOBS.labels(outcome="success", error_type="").inc()
@@ -129,6 +132,7 @@ def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
         # redelivers it). Predictions are pure, so running it again is safe.
         raise Reject(str(e), requeue=True) from e
     set_model_version(self.request, prediction.version)
+    record_served(self.request.id, prediction.model, prediction.version)
     outputs = prediction.outputs
     if getattr(self.request, JSON_RESULT, False):
         # A JSON client gets the form it sent: nested lists, or ndarray maps.
