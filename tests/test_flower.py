@@ -137,7 +137,9 @@ def wait_until_flower_hears_the_worker(flower: Flower) -> None:
     wait_for(worker_heard, 60, "Flower to receive the mlp worker's events", flower.log)
 
 
-def test_flower_shows_submitted_jobs_as_succeeded_with_their_model_version(flower: Flower, client: PredictionClient) -> None:
+def test_flower_shows_submitted_jobs_as_succeeded_with_their_model_version(
+    flower: Flower, client: PredictionClient
+) -> None:
     wait_until_flower_hears_the_worker(flower)
     jobs = [client.submit(np.full((2, F), i, np.float32)) for i in range(4)]
     for job in jobs:
@@ -182,6 +184,7 @@ def test_flower_shows_a_coalesced_message_with_its_job_count_and_outcome(
 
     task = wait_for(carrier_succeeded, 60, "Flower to show the coalesced message", flower.log)
     assert "'jobs': 3" in task["result"] and "'succeeded': 3" in task["result"]
+    assert "'models': {'default': [1]}" in task["result"]
 
 
 def test_flower_serves_prometheus_metrics_which_its_version_leaves_open(

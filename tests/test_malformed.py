@@ -775,4 +775,9 @@ def test_a_json_coalesced_message_from_another_language_gets_json_results(
     finally:
         r.close()
     assert record["status"] == "SUCCESS" and isinstance(record["result"], list)
-    assert summary["result"] == {"jobs": 2, "succeeded": 1, "failed": 1}
+    assert summary["result"] == {
+        "jobs": 2,
+        "succeeded": 1,
+        "failed": 1,
+        "models": {"default": [1]},
+    }

@@ -40,7 +40,7 @@ from workers.runtime import JobContext, Prediction, Runtime
 log = logging.getLogger(__name__)
 
 
-def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str, int]:
+def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str, object]:
     """Run every job of one message; the message's own result is a summary."""
     metrics.MESSAGE_JOBS.observe(len(raw_entries))
     sent_at = getattr(request, SENT_AT_HEADER, None)
@@ -69,7 +69,13 @@ def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str,
                     # republishes what has no result once the message is gone.
                     log.exception("could not store the failure of job %s", entry.job_id)
         raise
-    return {"jobs": len(raw_entries), "succeeded": answer.succeeded, "failed": answer.failed}
+    return {
+        "jobs": len(raw_entries),
+        "succeeded": answer.succeeded,
+        "failed": answer.failed,
+        # Which versions computed them (Flower shows this summary as the row's result).
+        "models": {name: sorted(versions) for name, versions in sorted(answer.models.items())},
+    }
 
 
 def _parsed(raw_entries: list[Any], answer: _Answer) -> list[Entry]:
@@ -119,6 +125,8 @@ class _Answer:
         self.answered: set[str] = set()
         self.succeeded = 0
         self.failed = 0
+        #: Model name -> the versions that computed this message's successful jobs.
+        self.models: dict[str, set[int]] = {}
 
     def job(self, entry: Entry, outcome: Prediction | BaseException) -> None:
         if isinstance(outcome, BaseException):
@@ -132,6 +140,7 @@ class _Answer:
                 self.stored(entry.job_id, e, inputs=entry.inputs)
                 return
         self.stored(entry.job_id, outputs, inputs=entry.inputs, model_version=outcome.version)
+        self.models.setdefault(outcome.model, set()).add(outcome.version)
 
     def stored(
         self, job_id: str, outcome: object, *, inputs: object, model_version: int | None = None

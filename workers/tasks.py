@@ -149,7 +149,7 @@ class CarrierTask(Task):  # type: ignore[misc]
     typing = False
 
 
-def _predict_jobs(self: CarrierTask, *args: Any, **kwargs: Any) -> dict[str, int]:
+def _predict_jobs(self: CarrierTask, *args: Any, **kwargs: Any) -> dict[str, object]:
     """Predict every job of a coalesced message; each result under the job's own id."""
     if len(args) != 1 or kwargs or not isinstance(args[0], list) or not args[0]:
         # The message guard refuses these first; a direct call may still try.
