@@ -5,11 +5,12 @@ if it had come in its own ``predictq.predict`` message:
 
 * an entry that is not a valid job fails alone with ``InvalidInput`` (stored
   under its id when it has a readable one), its neighbours run;
-* the others run through ``Runtime.predict_each``: together in the batcher on a
-  first delivery, one by one as counted suspects once redelivered (poison
+* the others run through ``Runtime.predict_groups``: together in the batcher on
+  a first delivery, one by one as counted suspects once redelivered (poison
   isolation, workers/deliveries.py);
-* each outcome is stored under the job's own id as soon as it is known
-  (``store_job_outcome``), counted in ``predictq_jobs``, and its stored input
+* each outcome is stored under the job's own id as soon as it is known, with
+  the others ready at the same moment in one round trip
+  (``store_job_outcomes``), counted in ``predictq_jobs``, and its stored input
   (payload by reference) deleted once final.
 
 A retryable error (model not ready, worker stopping, Redis restarting) sends
@@ -34,7 +35,13 @@ from predictq.celeryconf import SENT_AT_HEADER
 from predictq.errors import InvalidInput, ModelNotReady, PredictionError, PredictqError, Requeue
 from workers import metrics
 from workers.lifecycle import current_runtime
-from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps, store_job_outcome
+from workers.results import (
+    JSON_RESULT,
+    JobOutcome,
+    json_outputs,
+    sent_ndarray_maps,
+    store_job_outcomes,
+)
 from workers.runtime import JobContext, Prediction, Runtime
 
 log = logging.getLogger(__name__)
@@ -53,21 +60,21 @@ def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str,
     try:
         runtime = current_runtime()
         answer.runtime = runtime
-        for entry, outcome in zip(entries, runtime.predict_each(jobs), strict=True):
-            answer.job(entry, outcome)
+        waiting = iter(entries)
+        for group in runtime.predict_groups(jobs):
+            answer.jobs([(next(waiting), outcome) for outcome in group])
     except (ModelNotReady, Requeue) as e:
         # As for a single job (workers/tasks.py): back to the queue, pure jobs.
         raise Reject(str(e), requeue=True) from e
     except Exception as e:
         error = PredictionError(f"the worker failed running a coalesced message: {e!r}")
-        for entry in entries:
-            if entry.job_id not in answer.answered:
-                try:
-                    answer.job(entry, error)
-                except Exception:
-                    # The result backend itself fails: lost-job recovery (producer)
-                    # republishes what has no result once the message is gone.
-                    log.exception("could not store the failure of job %s", entry.job_id)
+        try:
+            unanswered = [e for e in entries if e.job_id not in answer.answered]
+            answer.jobs([(entry, error) for entry in unanswered])
+        except Exception:
+            # The result backend itself fails: lost-job recovery (producer)
+            # republishes what has no result once the message is gone.
+            log.exception("could not store the failures of a coalesced message's jobs")
         raise
     return {
         "jobs": len(raw_entries),
@@ -80,6 +87,7 @@ def run_carrier(raw_entries: list[Any], request: Any, backend: Any) -> dict[str,
 
 def _parsed(raw_entries: list[Any], answer: _Answer) -> list[Entry]:
     entries: list[Entry] = []
+    refused: list[JobOutcome] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_entries):
         try:
@@ -91,7 +99,7 @@ def _parsed(raw_entries: list[Any], answer: _Answer) -> list[Entry]:
                 answer.failed += 1
             else:
                 seen.add(job_id)
-                answer.stored(job_id, e, inputs=None)
+                refused.append(answer.outcome(job_id, e))
             continue
         if entry.job_id in seen:
             # One id, one result key: a second entry would overwrite the first's.
@@ -100,6 +108,7 @@ def _parsed(raw_entries: list[Any], answer: _Answer) -> list[Entry]:
             continue
         seen.add(entry.job_id)
         entries.append(entry)
+    answer.stored(refused, inputs=[None] * len(refused))
     return entries
 
 
@@ -128,33 +137,37 @@ class _Answer:
         #: Model name -> the versions that computed this message's successful jobs.
         self.models: dict[str, set[int]] = {}
 
-    def job(self, entry: Entry, outcome: Prediction | BaseException) -> None:
-        if isinstance(outcome, BaseException):
-            self.stored(entry.job_id, outcome, inputs=entry.inputs)
-            return
-        outputs = outcome.outputs
-        if self._json:
-            try:
-                outputs = json_outputs(outputs, as_maps=sent_ndarray_maps(entry.inputs))
-            except PredictqError as e:
-                self.stored(entry.job_id, e, inputs=entry.inputs)
-                return
-        self.stored(entry.job_id, outputs, inputs=entry.inputs, model_version=outcome.version)
-        self.models.setdefault(outcome.model, set()).add(outcome.version)
+    def outcome(self, job_id: str, outcome: object, model_version: int | None = None) -> JobOutcome:
+        return JobOutcome(job_id, outcome, self._json, model_version)
 
-    def stored(
-        self, job_id: str, outcome: object, *, inputs: object, model_version: int | None = None
-    ) -> None:
-        store_job_outcome(
-            self._backend, job_id, outcome, json_result=self._json, model_version=model_version
-        )
-        self.answered.add(job_id)
-        if isinstance(outcome, BaseException):
-            self.failed += 1
-            metrics.JOBS.labels(outcome="failure", error_type=type(outcome).__name__).inc()
-        else:
-            self.succeeded += 1
-            metrics.JOBS.labels(outcome="success", error_type="").inc()
-        # A final outcome: the job's stored input is not needed again.
-        if self.runtime is not None and inputs is not None:
-            self.runtime.forget_payload(inputs, job_id)
+    def jobs(self, answered: list[tuple[Entry, Prediction | BaseException]]) -> None:
+        """Store the outcomes of jobs that are ready together, in one round trip."""
+        outcomes: list[JobOutcome] = []
+        for entry, outcome in answered:
+            if isinstance(outcome, BaseException):
+                outcomes.append(self.outcome(entry.job_id, outcome))
+                continue
+            outputs = outcome.outputs
+            if self._json:
+                try:
+                    outputs = json_outputs(outputs, as_maps=sent_ndarray_maps(entry.inputs))
+                except PredictqError as e:
+                    outcomes.append(self.outcome(entry.job_id, e))
+                    continue
+            outcomes.append(self.outcome(entry.job_id, outputs, outcome.version))
+            self.models.setdefault(outcome.model, set()).add(outcome.version)
+        self.stored(outcomes, inputs=[entry.inputs for entry, _ in answered])
+
+    def stored(self, outcomes: list[JobOutcome], *, inputs: list[object]) -> None:
+        store_job_outcomes(self._backend, outcomes)
+        for o, raw in zip(outcomes, inputs, strict=True):
+            self.answered.add(o.job_id)
+            if isinstance(o.outcome, BaseException):
+                self.failed += 1
+                metrics.JOBS.labels(outcome="failure", error_type=type(o.outcome).__name__).inc()
+            else:
+                self.succeeded += 1
+                metrics.JOBS.labels(outcome="success", error_type="").inc()
+            # A final outcome: the job's stored input is not needed again.
+            if self.runtime is not None and raw is not None:
+                self.runtime.forget_payload(raw, o.job_id)

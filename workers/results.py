@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import base64
 import traceback as tb
+from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 from celery import states
 from celery.app.task import Context
 from celery.backends.redis import RedisBackend, SentinelBackend
+from celery.exceptions import BackendStoreError
 from kombu.utils import json as kombu_json
 
-from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype
-from predictq.errors import PredictionError
+from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype, loads_result
+from predictq.errors import PredictionError, PredictqError
 from predictq.modelref import MODEL_VERSION_FIELD
 from predictq.payloads import REF_KEY
 from predictq.sentinel import is_sentinel_url
@@ -68,30 +71,27 @@ def refusal_request(content_type: object) -> Context:
     return Context({JSON_RESULT: wants_json(content_type)})
 
 
-def store_job_outcome(
-    backend: Any,
-    job_id: str,
-    outcome: object,
-    *,
-    json_result: bool,
-    model_version: int | None = None,
-) -> None:
-    """Store one job of a coalesced message under its own id, as a single job's task would.
+@dataclass(frozen=True)
+class JobOutcome:
+    """One job of a coalesced message, answered: what ``store_job_outcomes`` stores."""
 
-    ``outcome``: the job's (already JSON-ready, for a JSON job) outputs, or its
-    exception. The record is what Celery writes for a ``predictq.predict`` task
-    (the same backend, state and encoding), so every reader of single-job
-    results reads it unchanged. The request is built here: the one place to add
-    result fields a job carries.
+    job_id: str
+    #: The job's outputs (already JSON-ready for a JSON job), or its exception.
+    outcome: object
+    json_result: bool
+    model_version: int | None = None
+
+
+def store_job_outcomes(backend: Any, outcomes: Sequence[JobOutcome]) -> None:
+    """Store jobs of a coalesced message under their own ids, as single jobs' tasks would.
+
+    Each record is what Celery writes for a ``predictq.predict`` task (the same
+    backend, state, encoding and expiry), so every reader of single-job results
+    reads it unchanged; ``backend`` is the worker's ``ResultBackend``, which
+    stores them all in two round trips (``store_outcomes``).
     """
-    request = Context({JSON_RESULT: json_result, "id": job_id})
-    if model_version is not None:
-        set_model_version(request, model_version)
-    if isinstance(outcome, BaseException):
-        trace = "".join(tb.format_exception(outcome))
-        backend.store_result(job_id, outcome, states.FAILURE, traceback=trace, request=request)
-    else:
-        backend.store_result(job_id, outcome, states.SUCCESS, request=request)
+    if outcomes:
+        backend.store_outcomes(outcomes)
 
 
 def set_model_version(request: Any, version: int) -> None:
@@ -202,11 +202,92 @@ class _PredictqRecords:
             meta[MODEL_VERSION_FIELD] = version
         return meta
 
+    def store_outcomes(self, outcomes: Sequence[JobOutcome]) -> None:
+        """Store many jobs' records: one MGET, then one pipeline of SET and PUBLISH.
+
+        Celery's ``store_result`` costs two round trips per job (it reads the
+        stored record first, then writes it and publishes it): for a message of
+        a dozen jobs those sequential round trips, not the model, were most of
+        the worker's time. The rules stay Celery's (celery/backends/base.py
+        ``_store_result``, redis.py ``_set``): a stored SUCCESS is never
+        overwritten (a redelivered job must not turn its answer into a
+        failure); a failure expires after ``result_failure_expires``; each
+        record is written before it is published, on one connection, so a
+        subscriber that reads the key on the message finds it. The retries are
+        Celery's too: the backend's retry policy around each round trip, then
+        ``result_backend_always_retry`` around the whole.
+        """
+        records = [self._record(o) for o in outcomes]
+        self._ensure_retryable(  # type: ignore[attr-defined]
+            self._store_records,
+            records,
+            fallback_exc=BackendStoreError,
+            fallback_msg="failed to store results on the backend",
+        )
+
+    def _record(self, o: JobOutcome) -> tuple[str, str | bytes, str]:
+        request = Context({JSON_RESULT: o.json_result, "id": o.job_id})
+        if o.model_version is not None:
+            set_model_version(request, o.model_version)
+        outcome = o.outcome
+        for _ in range(2):
+            failed = isinstance(outcome, BaseException)
+            state = states.FAILURE if failed else states.SUCCESS
+            trace = None
+            if isinstance(outcome, BaseException) and self._tracebacks:
+                trace = "".join(tb.format_exception(outcome))
+            token = _storing_json.set(o.json_result)
+            try:
+                result = self.encode_result(outcome, state)  # type: ignore[attr-defined]
+                meta = self._get_result_meta(result, state, trace, request)
+                meta["task_id"] = o.job_id
+                value = self.encode(meta)
+            finally:
+                _storing_json.reset(token)
+            limit = self._MAX_STR_VALUE_SIZE  # type: ignore[attr-defined]
+            if not (isinstance(value, str) and len(value) > limit):
+                break
+            # Where Celery would fail the whole store: this job alone fails, and says why.
+            outcome = PredictionError(
+                f"the result is {len(value):,} characters long; the Redis result backend "
+                f"stores at most {limit:,}: send fewer samples per job"
+            )
+        key = self.get_key_for_task(o.job_id)  # type: ignore[attr-defined]
+        return key, value, state
+
+    def _store_records(self, records: list[tuple[str, str | bytes, str]]) -> None:
+        stored = self.ensure(self.mget, ([key for key, _, _ in records],))  # type: ignore[attr-defined]
+        writes = [r for r, current in zip(records, stored, strict=True) if not _succeeded(current)]
+        if writes:
+            self.ensure(self._set_many, (writes,))  # type: ignore[attr-defined]
+
+    def _set_many(self, writes: list[tuple[str, str | bytes, str]]) -> None:
+        # Not a MULTI: each job's SET comes before its PUBLISH on one connection
+        # anyway, and jobs need no atomicity with each other.
+        with self.client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            for key, value, state in writes:
+                expires = self.failure_expires if state == states.FAILURE else self.expires  # type: ignore[attr-defined]
+                # SET EX, not Celery's SETEX: redis-py deprecates SETEX (same effect).
+                pipe.set(key, value, ex=int(expires) if expires else None)
+                pipe.publish(key, value)
+            pipe.execute()
+
     def encode(self, data: Any) -> Any:
         if _storing_json.get():
             # What Celery's JSON result serializer writes.
             return kombu_json.dumps(data)  # type: ignore[no-untyped-call]
         return super().encode(data)  # type: ignore[misc]
+
+
+def _succeeded(stored: bytes | None) -> bool:
+    """Whether a stored record (JSON or msgpack) says SUCCESS; an unreadable one does not."""
+    if stored is None:
+        return False
+    try:
+        record = loads_result(stored)
+    except (PredictqError, ValueError, TypeError):
+        return False
+    return isinstance(record, dict) and record.get("status") == states.SUCCESS
 
 
 class ResultBackend(_PredictqRecords, RedisBackend):  # type: ignore[misc]

@@ -97,23 +97,28 @@ class Runtime:
                 served.model.spec.structure_outputs(outputs), served.version, served.name
             )
 
-    def predict_each(
+    def predict_groups(
         self, jobs: Sequence[tuple[object, JobContext, ModelRef]]
-    ) -> Iterator[Prediction | PredictqError]:
-        """Each job's prediction, or its own final error, in order, as each is ready.
+    ) -> Iterator[list[Prediction | PredictqError]]:
+        """Each job's prediction, or its own final error, in order, in groups as they are ready.
 
-        The jobs of one message (workers/carriers.py). First deliveries are
-        validated and submitted together, so jobs on the same model version
-        share device calls. Once redelivered, the message may hold a job that
-        kills its worker, so each job runs as a suspect, one at a time, counted
-        under its own id: the poison one reaches ``max_deliveries`` and fails
-        alone. Retryable errors (``Requeue``, ``ModelNotReady``) are raised: the
-        whole message goes back. Each job holds its version's lease until the
-        generator is done, so a version retired meanwhile finishes them first.
+        The jobs of one message (workers/carriers.py). A group holds the
+        outcomes that are ready together (one device call's jobs, and the
+        errors found before it), so that the caller stores them in one Redis
+        round trip; the next group is waited for only after. First deliveries
+        are validated and submitted together, so jobs on the same model
+        version share device calls. Once redelivered, the message may hold a
+        job that kills its worker, so each job runs as a suspect, one at a
+        time and in a group of its own, counted under its own id: the poison
+        one reaches ``max_deliveries`` and fails alone, and the ones before it
+        are answered before it runs. Retryable errors (``Requeue``,
+        ``ModelNotReady``) are raised: the whole message goes back. Each job
+        holds its version's lease until the generator is done, so a version
+        retired meanwhile finishes them first.
         """
         if any(job.redelivered for _, job, _ in jobs):
             for raw, job, ref in jobs:
-                yield self._outcome(functools.partial(self.predict, raw, job, ref))
+                yield [self._outcome(functools.partial(self.predict, raw, job, ref))]
             return
         pending: list[tuple[ServedVersion, Future[list[Array]]] | PredictqError] = []
         with contextlib.ExitStack() as leases:
@@ -131,11 +136,17 @@ class Runtime:
                         arrays, deadline=job.deadline, run=served, labels=served.labels
                     )
                     pending.append((served, future))
+            group: list[Prediction | PredictqError] = []
             for item in pending:
+                if group and not (isinstance(item, PredictqError) or item[1].done()):
+                    yield group
+                    group = []
                 if isinstance(item, PredictqError):
-                    yield item
+                    group.append(item)
                 else:
-                    yield self._outcome(functools.partial(_prediction, *item))
+                    group.append(self._outcome(functools.partial(_prediction, *item)))
+            if group:
+                yield group
 
     def _outcome(self, run: Callable[[], Prediction]) -> Prediction | PredictqError:
         try:
