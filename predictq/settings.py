@@ -15,283 +15,32 @@ import math
 import os
 import re
 import types
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from predictq import sentinel
 from predictq.carrier import MAX_JOBS
 from predictq.errors import ConfigError
 from predictq.modelref import MODEL_NAME
+from predictq.settings_fields import (
+    Device,
+    KerasBackend,
+    LogLevel,
+    SettingsFields,
+    env_name,
+    parse,
+)
 
-ENV_PREFIX = "PREDICTQ_"
-
-Device = Literal["auto", "cpu", "gpu"]
-KerasBackend = Literal["tensorflow", "jax", "torch"]
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-
-T = TypeVar("T")
-
-
-def _env(name: str) -> str:
-    return ENV_PREFIX + name.upper()
+__all__ = ["Device", "KerasBackend", "LogLevel", "Settings", "mask_url", "settings_help"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
-    """Every predictq setting; the environment variable is ``PREDICTQ_<FIELD NAME>``."""
+class Settings(SettingsFields):
+    """Every predictq setting; the environment variable is ``PREDICTQ_<FIELD NAME>``.
 
-    # --- Connections -------------------------------------------------------
-    broker_url: str = field(
-        default="redis://localhost:6379/0",
-        metadata={
-            "help": "Celery broker (Redis) URL; rediss:// for TLS, password in the URL; "
-            "sentinel://h1:26379/0;sentinel://h2:26379 for Redis Sentinel."
-        },
-    )
-    result_backend: str = field(
-        default="redis://localhost:6379/1",
-        metadata={"help": "Redis result backend URL (results are stored here)."},
-    )
-    sentinel_master: str | None = field(
-        default=None,
-        metadata={
-            "help": "Master set name the sentinels monitor; required when a URL is "
-            "sentinel://host:port[/db];sentinel://host2:port... (Redis Sentinel)."
-        },
-    )
-    sentinel_password: str | None = field(
-        default=None,
-        metadata={
-            "help": "Password of the sentinels themselves (the master's goes in the URL); "
-            "unset = none."
-        },
-    )
-    queue: str = field(default="predictq", metadata={"help": "Queue the jobs travel through."})
-
-    # --- Model -------------------------------------------------------------
-    model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "One model to serve, named `default`: a .keras file, SavedModel directory or "
-            "legacy .h5 (version 1), or a directory of numbered versions (`1/`, `2/`, ...)."
-        },
-    )
-    model_repository: str | None = field(
-        default=None,
-        metadata={
-            "help": "Directory of models to serve, laid out `<name>/<version>/` (instead of "
-            "PREDICTQ_MODEL_PATH); every model in it is served."
-        },
-    )
-    model_names: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "Comma-separated model names this worker serves; unset = all."},
-    )
-    model_poll_s: float = field(
-        default=10.0,
-        metadata={
-            "help": "How often workers look for new or removed versions (SIGHUP: at once); "
-            "0 = only on SIGHUP."
-        },
-    )
-    model_keep_versions: int = field(
-        default=1,
-        metadata={
-            "help": "Newest versions of each model kept loaded (older ones can still be pinned)."
-        },
-    )
-    model_imports: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "Comma-separated modules imported before loading (custom layers)."},
-    )
-    allow_nonfinite: bool = field(
-        default=False, metadata={"help": "Accept NaN/Inf in inputs (rejected by default)."}
-    )
-
-    # --- Batching and worker pool ------------------------------------------
-    max_batch_size: int = field(
-        default=4096, metadata={"help": "Samples per device call; larger jobs are split."}
-    )
-    batch_wait_ms: float = field(
-        default=10.0,
-        metadata={
-            "help": "Longest wait for more jobs after the first one, only while more are "
-            "expected (announced, or arriving faster than this)."
-        },
-    )
-    worker_concurrency: int = field(
-        default=64,
-        metadata={"help": "Threads per worker process = jobs that can share one batch."},
-    )
-    prefetch_multiplier: int = field(
-        default=1, metadata={"help": "Messages reserved per thread (Celery prefetch)."}
-    )
-    max_job_samples: int = field(
-        default=1_000_000, metadata={"help": "Largest batch (rows) one job may carry."}
-    )
-    inline_payload_bytes: int = field(
-        default=64 * 1024,
-        metadata={"help": "Jobs larger than this travel by reference (a Redis key), not inline."},
-    )
-    max_payload_bytes: int = field(
-        default=256 * 1024 * 1024,
-        metadata={"help": "Largest encoded job body; larger ones are refused before decoding."},
-    )
-    max_json_bytes: int = field(
-        default=4 * 1024 * 1024,
-        metadata={
-            "help": "Largest JSON job body. JSON is parsed on the worker's one consumer thread "
-            "(~30 MB/s of numbers), so this bounds how long one job can hold up the others."
-        },
-    )
-
-    # --- Reliability -------------------------------------------------------
-    visibility_timeout_s: float = field(
-        default=3600.0,
-        metadata={
-            "help": "An unacknowledged job is redelivered after this long: must exceed the "
-            "longest queue-plus-run time of a reserved job, and bounds recovery after a crash."
-        },
-    )
-    max_deliveries: int = field(
-        default=3, metadata={"help": "Attempts before a job that kills its worker is given up."}
-    )
-    result_ttl_s: float = field(default=3600.0, metadata={"help": "How long results are kept."})
-    result_tracebacks: bool = field(
-        default=False,
-        metadata={
-            "help": "Store the worker's traceback in failed jobs' results. Off: callers get the "
-            "error type and message only, and the worker's log keeps the traceback; turn on "
-            "only when every client is trusted."
-        },
-    )
-    shutdown_timeout_s: float = field(
-        default=30.0, metadata={"help": "Longest graceful shutdown before in-flight work is cut."}
-    )
-    device_timeout_s: float = field(
-        default=300.0,
-        metadata={
-            "help": "A device call running longer than this is hung: the worker process stops "
-            "and its jobs are redelivered."
-        },
-    )
-
-    dead_letter_max: int = field(
-        default=1000,
-        metadata={"help": "Refused messages kept in predictq:dead-letters (oldest dropped)."},
-    )
-    dead_letter_max_bytes: int = field(
-        default=64 * 1024,
-        metadata={"help": "Characters of one refused message kept; longer ones are truncated."},
-    )
-
-    # --- Device -----------------------------------------------------------
-    keras_backend: KerasBackend | None = field(
-        default=None,
-        metadata={
-            "help": "Keras backend of the workers: tensorflow, jax or torch; unset = Keras's own "
-            "KERAS_BACKEND if set, else tensorflow."
-        },
-    )
-    device: Device = field(default="auto", metadata={"help": "auto, cpu or gpu."})
-    gpu_memory_growth: bool = field(
-        default=True, metadata={"help": "Grow GPU memory on demand instead of taking it all."}
-    )
-    gpu_memory_limit_mb: int | None = field(
-        default=None, metadata={"help": "Cap this process's GPU memory (MiB); unset = no cap."}
-    )
-    intra_op_threads: int | None = field(
-        default=None, metadata={"help": "TensorFlow intra-op threads (unset = TF default)."}
-    )
-    inter_op_threads: int | None = field(
-        default=None, metadata={"help": "TensorFlow inter-op threads (unset = TF default)."}
-    )
-
-    # --- Producer ----------------------------------------------------------
-    submit_timeout_s: float = field(
-        default=30.0,
-        metadata={"help": "How long submit retries an unreachable Redis before BrokerUnavailable."},
-    )
-    result_timeout_s: float = field(
-        default=300.0, metadata={"help": "Default wait for a result in get()/predict()."}
-    )
-    max_in_flight: int = field(
-        default=1024, metadata={"help": "Unfinished jobs one producer may hold."}
-    )
-    max_queue_length: int | None = field(
-        default=None, metadata={"help": "Refuse submits with QueueFull past this queue length."}
-    )
-    coalesce_max_jobs: int = field(
-        default=64,
-        metadata={
-            "help": "Most jobs of one client sent together in one message (jobs submitted "
-            "while its previous message is being sent); 1 = every job in its own message."
-        },
-    )
-    coalesce_max_samples: int = field(
-        default=4096, metadata={"help": "Most samples (rows) in one coalesced message."}
-    )
-    coalesce_max_bytes: int = field(
-        default=4 * 1024 * 1024,
-        metadata={
-            "help": "Most input bytes in one coalesced message (inputs sent by reference "
-            "count a few hundred bytes each)."
-        },
-    )
-    coalesce_max_unanswered: int = field(
-        default=0,
-        metadata={
-            "help": "predict()/apredict() jobs wait to share the next message while this many "
-            "of the client's messages have no answer yet; 0 = the number of worker processes "
-            "serving the queue (read from their readiness records)."
-        },
-    )
-    coalesce_max_hold_ms: float = field(
-        default=20.0,
-        metadata={
-            "help": "Longest a predict()/apredict() job waits for an answer to release it "
-            "before it is sent anyway; 0 = never hold."
-        },
-    )
-
-    # --- Operations --------------------------------------------------------
-    metrics_port: int | None = field(
-        default=9808, metadata={"help": "Prometheus port of each worker process; unset = off."}
-    )
-    metrics_address: str = field(
-        default="0.0.0.0",
-        metadata={
-            "help": "Address the metrics server binds: 0.0.0.0 (every interface) lets a "
-            "Prometheus in another container scrape it; 127.0.0.1 keeps it on the host; :: for "
-            "IPv6."
-        },
-    )
-    readiness_ttl_s: float = field(
-        default=30.0, metadata={"help": "Lifetime of a worker's readiness record (heartbeat)."}
-    )
-    task_events: bool = field(
-        default=True, metadata={"help": "Send Celery task events (needed by Flower)."}
-    )
-    remote_control: bool = field(
-        default=True,
-        metadata={
-            "help": "Answer Celery remote control (inspect, shutdown, pool size) sent through "
-            "the broker; off: Flower shows tasks and heartbeats only."
-        },
-    )
-    flower_port: int = field(default=5555, metadata={"help": "Flower HTTP port."})
-    flower_address: str | None = field(
-        default=None,
-        metadata={
-            "help": "Address Flower listens on. Unset: every interface with basic auth (what a "
-            "container needs), 127.0.0.1 without; any address but loopback needs basic auth."
-        },
-    )
-    flower_basic_auth: str | None = field(
-        default=None, metadata={"help": "user:password (comma-separated pairs) for Flower."}
-    )
-    log_level: LogLevel = field(default="INFO", metadata={"help": "Worker log level."})
+    The fields are declared in predictq/settings_fields.py.
+    """
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -304,7 +53,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _SECRET_FIELDS and value is not None:
-                value = masked[_env(f.name)]
+                value = masked[env_name(f.name)]
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
@@ -319,7 +68,7 @@ class Settings:
                 continue
             if not _has_type(value, hint):
                 raise ConfigError(
-                    f"{_env(f.name)} must be {_type_name(hint)}, got {value!r} "
+                    f"{env_name(f.name)} must be {_type_name(hint)}, got {value!r} "
                     f"({type(value).__name__})"
                 )
 
@@ -475,13 +224,13 @@ class Settings:
             url = getattr(self, url_field)
             # A sentinel:// entry anywhere makes it a Sentinel URL: mixing is an error.
             if sentinel.is_sentinel_url(url) or "sentinel://" in url.lower():
-                sentinel.parse(url, name=_env(url_field))  # one line on what is wrong
+                sentinel.parse(url, name=env_name(url_field))  # one line on what is wrong
                 _require(
                     bool(self.sentinel_master),
                     "sentinel_master",
                     self.sentinel_master,
-                    f"the master set's name (SENTINEL MONITOR <name> ...) when {_env(url_field)} "
-                    "is a sentinel:// URL",
+                    "the master set's name (SENTINEL MONITOR <name> ...) when "
+                    f"{env_name(url_field)} is a sentinel:// URL",
                 )
                 continue
             _require(
@@ -497,9 +246,9 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(_env(f.name))
+            raw = env.get(env_name(f.name))
             if raw is not None and raw.strip() != "":
-                values[f.name] = _parse(f, raw.strip())
+                values[f.name] = parse(f, raw.strip())
         values.update(overrides)
         return cls(**values)
 
@@ -522,7 +271,7 @@ class Settings:
                 shown = ",".join(value)
             else:
                 shown = "" if value is None else str(value)
-            out.append((_env(f.name), shown))
+            out.append((env_name(f.name), shown))
         return out
 
 
@@ -572,7 +321,7 @@ def settings_help() -> list[tuple[str, str, str]]:
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, tuple):
             default = ",".join(default)
-        rows.append((_env(f.name), "" if default is None else str(default), f.metadata["help"]))
+        rows.append((env_name(f.name), "" if default is None else str(default), f.metadata["help"]))
     return rows
 
 
@@ -605,51 +354,4 @@ _HOST_NAME = re.compile(
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{_env(name)} must be {expected}, got {value!r}")
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    name = _env(f.name)
-    optional = "None" in kind
-    if optional and raw.lower() in ("none", "off", "unset"):
-        return None
-    parsers: dict[str, Callable[[str], Any]] = {
-        "int": int,
-        "float": _parse_float,
-        "bool": _parse_bool,
-        "tuple[str, ...]": lambda s: tuple(p.strip() for p in s.split(",") if p.strip()),
-    }
-    base = kind.replace(" | None", "")
-    choices = {"Device": Device, "LogLevel": LogLevel, "KerasBackend": KerasBackend}
-    if base in choices:
-        allowed = get_args(choices[base])
-        value = raw.upper() if base == "LogLevel" else raw.lower()
-        if value not in allowed:
-            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
-        return value
-    parser = parsers.get(base, str)
-    try:
-        return parser(raw)
-    except ValueError as e:
-        raise ConfigError(f"{name} must be {base}, got {raw!r}") from e
-
-
-def _parse_float(raw: str) -> float:
-    value = float(raw)
-    if not math.isfinite(value):
-        raise ValueError(raw)
-    return value
-
-
-def _parse_bool(raw: str) -> bool:
-    low = raw.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise ValueError(raw)
+        raise ConfigError(f"{env_name(name)} must be {expected}, got {value!r}")

@@ -9,7 +9,6 @@ jobs meant to travel together are queued behind it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import threading
 import time
@@ -36,6 +35,7 @@ from tests.support.cluster import (
     client_on,
     victim_and_heir,
 )
+from tests.support.coalescing import HeldPublish, queued, submit_together
 from tests.support.layers import POISON
 from tests.support.processes import WorkerProcess, wait_for
 
@@ -69,11 +69,6 @@ class FakeSend:
 
 def ticket(item: int, *, samples: int = 1, nbytes: int = 10, waiting: bool = True) -> Ticket[int]:
     return Ticket(item, samples=samples, nbytes=nbytes, on_sent=lambda _e: None, waiting=waiting)
-
-
-def queued(coalescer: Coalescer[Any]) -> int:
-    with coalescer._lock:
-        return len(coalescer._queue)
 
 
 def run_held(
@@ -165,28 +160,6 @@ def test_bad_bounds_are_refused_with_the_value() -> None:
 # --- real Redis, real worker -------------------------------------------------
 
 
-class HeldPublish:
-    """Holds a client's next publish until ``release()``: what is submitted meanwhile coalesces."""
-
-    def __init__(self, client: PredictionClient) -> None:
-        self._client = client
-        self._send = client._coalescer._send
-        self.holding = threading.Event()
-        self._released = threading.Event()
-        client._coalescer._send = self._held
-
-    def _held(self, items: list[Any]) -> None:
-        self._client._coalescer._send = self._send  # hold this one call only
-        self.holding.set()
-        assert self._released.wait(30)
-        self._send(items)
-
-    def release_when_queued(self, n: int, *, linger_s: float = 0.0) -> None:
-        wait_for(lambda: queued(self._client._coalescer) >= n, 30, f"{n} jobs to queue")
-        time.sleep(linger_s)  # lets a queued job's deadline pass: time itself, not an event
-        self._released.set()
-
-
 def message_jobs(worker: WorkerProcess) -> tuple[float, float]:
     """The worker's ``predictq_message_jobs`` histogram: (messages, jobs)."""
     url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
@@ -197,31 +170,6 @@ def message_jobs(worker: WorkerProcess) -> tuple[float, float]:
         return next(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + " "))
 
     return value("predictq_message_jobs_count"), value("predictq_message_jobs_sum")
-
-
-def submit_together(
-    client: PredictionClient,
-    calls: list[Callable[[], Job]],
-    *,
-    linger_s: float = 0.0,
-    opener: Callable[[], Job] | None = None,
-) -> tuple[Job, list[Job | BaseException]]:
-    """An opener job (default: one sample for the default model), held in its publish;
-    then ``calls`` on threads of their own, queued behind it, so that they travel in one
-    message. Their jobs (or submit errors), in order."""
-    held = HeldPublish(client)
-    if opener is None:
-        opener = functools.partial(client.submit, np.ones((1, F), np.float32))
-    with ThreadPoolExecutor(len(calls) + 1) as pool:
-        opened = pool.submit(opener)
-        assert held.holding.wait(30)
-        futures = [pool.submit(call) for call in calls]
-        held.release_when_queued(len(calls), linger_s=linger_s)
-        outcomes: list[Job | BaseException] = []
-        for f in futures:
-            error = f.exception(60)
-            outcomes.append(error if error is not None else f.result())
-        return opened.result(60), outcomes
 
 
 def test_64_threads_each_get_exactly_their_own_output_and_share_messages(

@@ -28,6 +28,7 @@ from producer import PredictionClient
 from producer.coalescer import Coalescer, Ticket
 from producer.serving import ServingWorkers
 from tests.support import models
+from tests.support.coalescing import queued
 from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
@@ -81,11 +82,6 @@ def coalescer_for(
         max_unanswered=lambda: cap,
         max_hold_s=hold_s,
     )
-
-
-def queued(coalescer: Coalescer[Any]) -> int:
-    with coalescer._lock:
-        return len(coalescer._queue)
 
 
 def test_holdable_jobs_wait_while_k_messages_are_unanswered_and_go_at_the_first_answer() -> None:

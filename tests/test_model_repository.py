@@ -36,9 +36,9 @@ from predictq_ops.redis_server import RedisServer
 from producer import Job, PredictionClient, UnknownModel
 from tests.support import models
 from tests.support.cluster import client_on, worker_on
+from tests.support.coalescing import submit_together
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
-from tests.test_coalescing import submit_together
 
 F = models.FEATURES
 #: Model "b" takes samples of another width than "a".

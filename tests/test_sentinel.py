@@ -29,11 +29,11 @@ from predictq_ops.up import Supervisor, UpOptions
 from producer import Job, PredictionClient
 from producer.collector import RESULT_KEY_PREFIX
 from tests.support.cluster import assert_all_correct, inputs
+from tests.support.flower import FLOWER_PASSWORD, FLOWER_USER, Flower, stop_process
 from tests.support.ops import clean_env, run_cli
 from tests.support.processes import WorkerProcess, wait_for
 from tests.support.sentinel import MASTER_NAME, SentinelCluster, SentinelProcess
-from tests.test_flower import FLOWER_PASSWORD, FLOWER_USER, Flower, stop_process
-from tests.test_security import make_tls_files
+from tests.support.tls import make_tls_files
 
 QUEUE = "ha"
 #: Short, so jobs lost in the replication gap come back within seconds.
