@@ -25,7 +25,7 @@ from predictq.errors import DeadlineExceeded, PredictqError, ResultTimeout
 from predictq.readiness import ReadinessRecord, consuming_key
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
-from producer.coalescer import Coalescer, Ticket
+from producer.coalescer import REFILL_MIN_JOBS, Coalescer, Ticket
 from producer.serving import ServingWorkers
 from tests.support import models
 from tests.support.coalescing import queued
@@ -104,6 +104,34 @@ def test_holdable_jobs_wait_while_k_messages_are_unanswered_and_go_at_the_first_
     assert send.messages[:2] == [[0], [1]] and len(send.messages) == 3
     assert sorted(send.messages[2]) == [2, 3, 4], "the held jobs did not go together"
     assert coalescer.held == 3
+
+
+def test_a_full_queue_follows_a_large_unanswered_message_at_once_one_past_the_cap() -> None:
+    send = Recorder()
+    coalescer = coalescer_for(send, cap=1)
+    answers: list[Future[Any]] = [Future() for _ in range(14)]
+    with ThreadPoolExecutor(1) as pool:  # a message of REFILL_MIN_JOBS jobs, built by holding
+        first = pool.submit(coalescer.submit, held_ticket(0, answers[0], waiting=True))
+        first.result(10)
+    for i in range(1, 1 + REFILL_MIN_JOBS):
+        coalescer.submit(held_ticket(i, answers[i]))
+    answers[0].set_result({})
+    big = list(range(1, 1 + REFILL_MIN_JOBS))
+    assert send.wait_messages(2) == [[0], big]
+    # As many held jobs as that message carries: they go at once, one past the cap...
+    nxt = list(range(1 + REFILL_MIN_JOBS, 1 + 2 * REFILL_MIN_JOBS))
+    for i in nxt[:-1]:
+        coalescer.submit(held_ticket(i, answers[i]))
+    assert len(send.messages) == 2 and queued(coalescer) == REFILL_MIN_JOBS - 1
+    coalescer.submit(held_ticket(nxt[-1], answers[nxt[-1]]))  # publishes on this thread
+    assert send.messages[2:] == [nxt]
+    # ...and never two past it: these wait for an answer, however many they are.
+    rest = list(range(1 + 2 * REFILL_MIN_JOBS, 14))
+    for i in rest:
+        coalescer.submit(held_ticket(i, answers[i]))
+    assert len(send.messages) == 3 and queued(coalescer) == len(rest)
+    answers[1].set_result({})
+    assert send.wait_messages(4)[3] == rest
 
 
 class LateCallbacks(Future[Any]):
