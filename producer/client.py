@@ -44,14 +44,14 @@ from producer import bulk, wire
 from producer.admission import QueueGate, check_size
 from producer.aio import SubmitPool, wait_done
 from producer.app import ProducerApp
-from producer.coalescer import Coalescer, Ticket
+from producer.coalescer import Coalescer
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
-from producer.models import ServedModels
 from producer.publisher import RedisPublisher
 from producer.recovery import LostJobRecovery
 from producer.sender import Outgoing, Sender
-from producer.serving import ServingWorkers
+from producer.serving import ServingView
+from producer.tickets import Ticket
 from producer.wire import JobInput
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class PredictionClient:
         # stays well under the size a worker accepts (PREDICTQ_MAX_PAYLOAD_BYTES).
         # predict/apredict jobs wait to share a message while this client has
         # max_unanswered messages with no answer yet (auto: one per serving worker).
-        self._serving = ServingWorkers(self._results, self.settings.queue)
+        # The serving workers' models, too: UnknownModel before sending.
+        self._serving = ServingView(self._results, self.settings.queue)
         cap = self.settings.coalesce_max_unanswered
         self._coalescer: Coalescer[Outgoing] = Coalescer(
             self._sender.publish,
@@ -101,8 +102,6 @@ class PredictionClient:
         # Inputs of unfinished jobs, kept (by reference) so that a job the
         # broker loses can be published again (producer/recovery.py).
         self._unfinished: dict[str, Outgoing] = {}
-        # Which models the serving workers have loaded (UnknownModel before sending).
-        self._served_models = ServedModels(self._results, self.settings.queue)
         self._recovery = LostJobRecovery(
             self._broker,
             queue_keys(self.settings.queue),
@@ -181,7 +180,7 @@ class PredictionClient:
             raise PredictqError("the client is closed")
         deadline_s = check_timeout("deadline_s", deadline_s)
         check_size(job_input, self.settings)
-        self._served_models.check(ref)
+        self._serving.check(ref)
         self._queue.admit()
         if not self._slots.acquire(timeout=self.settings.submit_timeout_s):
             raise TooManyInFlight(

@@ -65,6 +65,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, Generic, TypeVar
 
 from predictq.errors import PredictqError
+from producer.tickets import Message, Ticket, own_copy
 
 log = logging.getLogger(__name__)
 
@@ -72,59 +73,6 @@ T = TypeVar("T")
 
 #: Smallest unanswered message that a full queue of held jobs may follow at once.
 REFILL_MIN_JOBS = 4
-
-
-class Ticket(Generic[T]):
-    """One job waiting to be published, and how to report that it was (or was not)."""
-
-    def __init__(
-        self,
-        item: T,
-        *,
-        samples: int,
-        nbytes: int,
-        on_sent: Callable[[BaseException | None], None],
-        waiting: bool,
-        holdable: bool = False,
-        answer: Future[Any] | None = None,
-    ) -> None:
-        self.item = item
-        self.samples = samples
-        self.nbytes = nbytes
-        #: Done once the job's message is in Redis; its exception if the publish failed.
-        self.sent: Future[None] = Future()
-        self.waiting = waiting
-        #: Its caller waits for the result anyway: it may wait to share a message.
-        self.holdable = holdable
-        #: Done when the job's result (or error) arrives: its message is answered.
-        self.answer = answer
-        self.queued_at = 0.0
-        self._on_sent = on_sent
-        self._wake = threading.Event()
-        self._lead: list[Ticket[T]] | None = None
-
-    def _resolve(self, error: BaseException | None) -> None:
-        try:
-            self._on_sent(error)
-        except Exception:
-            # Bookkeeping of the client; the job's caller still gets its outcome.
-            log.exception("after publishing job %r", self.item)
-        if error is None:
-            self.sent.set_result(None)
-        else:
-            self.sent.set_exception(error)
-        self._wake.set()
-
-
-class _Message:
-    """A published message awaiting its first answer."""
-
-    __slots__ = ("answered", "answers", "size")
-
-    def __init__(self, answers: list[Future[Any]], size: int) -> None:
-        self.answered = False
-        self.answers = answers
-        self.size = size  # jobs carried
 
 
 class Coalescer(Generic[T]):
@@ -160,7 +108,7 @@ class Coalescer(Generic[T]):
         self._queue: deque[Ticket[T]] = deque()
         self._eager = 0  # non-holdable tickets in _queue
         self._unanswered = 0
-        self._open: dict[_Message, None] = {}  # the unanswered messages, oldest first
+        self._open: dict[Message, None] = {}  # the unanswered messages, oldest first
         self._closed = False
         self._releaser: threading.Thread | None = None
         # A batch taken by _answered for the release thread to lead (_busy is set).
@@ -297,7 +245,7 @@ class Coalescer(Generic[T]):
         newest = next(reversed(self._open))
         return newest.size >= REFILL_MIN_JOBS and len(self._queue) >= newest.size
 
-    def _mark_answered(self, message: _Message) -> bool:
+    def _mark_answered(self, message: Message) -> bool:
         """Count ``message`` as answered, once; False if it already was (caller holds _lock)."""
         if message.answered:
             return False
@@ -366,7 +314,7 @@ class Coalescer(Generic[T]):
                 except Exception:  # _send_batch resolves every ticket; this is a bug
                     log.exception("releasing held jobs failed")
 
-    def _answered(self, message: _Message, _future: Future[Any]) -> None:
+    def _answered(self, message: Message, _future: Future[Any]) -> None:
         """A result of ``message`` arrived (or its caller forgot it): it is answered.
 
         Runs on the collector thread (or a thread that forgets a job). Held jobs
@@ -397,7 +345,7 @@ class Coalescer(Generic[T]):
             error = e
         else:
             answers = [t.answer for t in batch if t.answer is not None]
-            message = _Message(answers, len(batch))
+            message = Message(answers, len(batch))
             with self._lock:
                 self.messages += 1
                 self.jobs += len(batch)
@@ -410,13 +358,4 @@ class Coalescer(Generic[T]):
                 for answer in answers:
                     answer.add_done_callback(on_answer)
         for i, ticket in enumerate(batch):
-            ticket._resolve(error if i == 0 or error is None else _own_copy(error))
-
-
-def _own_copy(error: BaseException) -> BaseException:
-    """A copy of ``error`` for another caller, so that threads do not share one traceback."""
-    if isinstance(error, PredictqError):  # each takes exactly its message (predictq/errors.py)
-        copy = type(error)(str(error))
-        copy.__cause__ = error.__cause__
-        return copy
-    return error
+            ticket._resolve(error if i == 0 or error is None else own_copy(error))

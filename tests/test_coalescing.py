@@ -27,7 +27,8 @@ from predictq.errors import BrokerUnavailable, DeadlineExceeded, InvalidInput, P
 from predictq.kombu_layout import UNACKED_KEY
 from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
-from producer.coalescer import Coalescer, Ticket
+from producer.coalescer import Coalescer
+from producer.tickets import Ticket
 from tests.support import models
 from tests.support.cluster import (
     PoisonedWorker,

@@ -21,12 +21,14 @@ import numpy as np
 import pytest
 import redis
 
-from predictq.errors import DeadlineExceeded, PredictqError, ResultTimeout
+from predictq.errors import DeadlineExceeded, PredictqError, ResultTimeout, UnknownModel
+from predictq.modelref import ModelRef
 from predictq.readiness import ReadinessRecord, consuming_key
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
-from producer.coalescer import REFILL_MIN_JOBS, Coalescer, Ticket
-from producer.serving import ServingWorkers
+from producer.coalescer import REFILL_MIN_JOBS, Coalescer
+from producer.serving import ServingView
+from producer.tickets import Ticket
 from tests.support import models
 from tests.support.coalescing import queued
 from tests.support.processes import WorkerProcess, wait_for
@@ -263,7 +265,7 @@ def test_the_auto_cap_counts_processes_consuming_the_clients_queue(server: Redis
         published.append(record)
         if consuming:
             db.set(consuming_key(node), "1", px=30_000)
-    serving = ServingWorkers(db, "a", refresh_s=0.05)
+    serving = ServingView(db, "a", refresh_s=0.05)
     try:
         assert serving.count() == 1, "the first call answers at once, before any read"
         wait_for(lambda: serving.count() == 2, 10, "the count of serving processes of queue a")
@@ -271,6 +273,42 @@ def test_the_auto_cap_counts_processes_consuming_the_clients_queue(server: Redis
         serving.close()
         for record in published:
             record.close()
+        db.close()
+
+
+def test_model_checks_read_records_only_on_a_clients_first_check_and_on_a_miss(
+    server: RedisServer,
+) -> None:
+    db = redis.Redis.from_url(server.url(4))
+    served = {"queue": "q", "models": {"m": {"versions": [1], "spec": {}}}, "default_model": "m"}
+    record = ReadinessRecord(db, "solo", 1, 30, served)
+    record._write()
+    db.set(consuming_key("solo"), "1", px=30_000)
+
+    def reads() -> int:  # serving_records asks once per record whether its node consumes
+        return int(db.info("commandstats").get("cmdstat_exists", {}).get("calls", 0))
+
+    view = ServingView(db, "q", refresh_s=3600)
+    try:
+        view.check(ModelRef("m"))  # the first check reads at once...
+        # ...and starts the background reader, whose first read lands now.
+        wait_for(lambda: not view._wanted.is_set(), 10, "the background read")
+        before = reads()
+        for _ in range(200):
+            view.check(ModelRef("m"))
+            view.check(ModelRef("m", 1))
+            view.check(ModelRef())
+            assert view.count() == 1
+        assert reads() == before, "a submit's check read Redis"
+        record.update({"models": {"m": {"versions": [1, 2], "spec": {}}}})
+        view.check(ModelRef("m", 2))  # a miss: read again once, fresh, and it is there
+        assert reads() == before + 1
+        with pytest.raises(UnknownModel, match="received 'x'"):
+            view.check(ModelRef("x"))
+        assert reads() == before + 2
+    finally:
+        view.close()
+        record.close()
         db.close()
 
 

@@ -173,15 +173,15 @@ def record(models: dict[str, list[int]], default: str | None) -> dict[str, Any]:
 
 
 def test_the_producer_refuses_only_what_no_serving_worker_has() -> None:
-    from producer.models import _problem
+    from producer.serving import problem
 
     records = [record({"a": [1, 2]}, "a"), record({"a": [2, 3], "b": [1]}, None)]
-    assert _problem(records, ModelRef("a", 3)) is None  # one worker has it
-    assert _problem(records, ModelRef()) is None  # a default exists
-    assert _problem(records, ModelRef(None, 1)) is None  # the default model's version 1
-    assert "received 'c'" in str(_problem(records, ModelRef("c")))
-    assert "received version 4" in str(_problem(records, ModelRef("a", 4)))
-    assert "none of them is a default" in str(_problem(records[1:], ModelRef()))
+    assert problem(records, ModelRef("a", 3)) is None  # one worker has it
+    assert problem(records, ModelRef()) is None  # a default exists
+    assert problem(records, ModelRef(None, 1)) is None  # the default model's version 1
+    assert "received 'c'" in str(problem(records, ModelRef("c")))
+    assert "received version 4" in str(problem(records, ModelRef("a", 4)))
+    assert "none of them is a default" in str(problem(records[1:], ModelRef()))
     # Nothing to tell: no worker up, or one that predates model repositories.
-    assert _problem([], ModelRef("c")) is None
-    assert _problem([*records, {"model": {}}], ModelRef("c")) is None
+    assert problem([], ModelRef("c")) is None
+    assert problem([*records, {"model": {}}], ModelRef("c")) is None
