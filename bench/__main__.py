@@ -66,7 +66,15 @@ def run_model(
         backend,
         m.path,
         concurrency=args.concurrency,
-        extra_env={"PREDICTQ_QUEUE": queue, "PREDICTQ_MAX_BATCH_SIZE": str(best_batch)},
+        extra_env={
+            "PREDICTQ_QUEUE": queue,
+            "PREDICTQ_MAX_BATCH_SIZE": str(best_batch),
+            **(
+                {"PREDICTQ_INTRA_OP_THREADS": str(args.intra_op_threads)}
+                if args.intra_op_threads
+                else {}
+            ),
+        },
     )
     extra: dict[str, float] = {
         "batch1_ms": batch1_ms,
@@ -378,6 +386,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="worker threads")
     parser.add_argument("--chunk-size", type=int, default=8192, help="bulk rows per job (MLP)")
     parser.add_argument("--models", default="mlp,mobilenetv2")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="the predictq worker's PREDICTQ_INTRA_OP_THREADS (0: unset, TensorFlow's default)",
+    )
     args = parser.parse_args()
     args.storm_jobs = 2000 if args.quick else 20_000  # both storms together
     args.idle_jobs = 50 if args.quick else 150
@@ -400,6 +414,7 @@ def main() -> None:
             "python": sys.version.split()[0],
         },
         "quick": args.quick,
+        "intra_op_threads": args.intra_op_threads or None,
         "seconds": round(time.time() - started, 1),
         "results": [r.as_dict() for r in results],
         "ratios": ratios,

@@ -192,7 +192,11 @@ class SettingsFields:
         default=None, metadata={"help": "Cap this process's GPU memory (MiB); unset = no cap."}
     )
     intra_op_threads: int | None = field(
-        default=None, metadata={"help": "TensorFlow intra-op threads (unset = TF default)."}
+        default=None,
+        metadata={
+            "help": "TensorFlow intra-op threads (unset = TF default, one per core); 1 serves "
+            "small batches faster where the worker shares its cores (README, Benchmark)."
+        },
     )
     inter_op_threads: int | None = field(
         default=None, metadata={"help": "TensorFlow inter-op threads (unset = TF default)."}
