@@ -12,13 +12,12 @@ arrived during the previous publish), which publishes it (producer/sender.py,
 with the input by reference when large: predictq/payloads.py), and tracks it
 for lost-job recovery (recovery); the ``Job`` (producer/job.py) then waits for
 what the collector delivers. Bulk calls (producer/bulk.py) go through the same ``_submit``, and so
-do asyncio ones (``asubmit``, ``apredict``: producer/aio.py), from a few
+do asyncio ones (``asubmit``, ``apredict``: producer/async_calls.py), from a few
 threads of the client's own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import logging
@@ -37,13 +36,14 @@ from predictq.errors import (
     TooManyInFlight,
 )
 from predictq.kombu_layout import queue_keys
-from predictq.modelref import DEFAULT_REF, ModelRef, job_model
+from predictq.modelref import DEFAULT_REF, ModelRef
 from predictq.redis_client import client_for
 from predictq.settings import Settings
 from producer import bulk, wire
 from producer.admission import QueueGate, check_size
-from producer.aio import SubmitPool, wait_done
+from producer.aio import SubmitPool
 from producer.app import ProducerApp
+from producer.async_calls import AsyncCalls
 from producer.coalescer import Coalescer
 from producer.collector import RESULT_KEY_PREFIX, ResultCollector
 from producer.job import Job, check_timeout
@@ -52,12 +52,12 @@ from producer.recovery import LostJobRecovery
 from producer.sender import Outgoing, Sender
 from producer.serving import ServingView
 from producer.tickets import Ticket
-from producer.wire import JobInput
+from producer.wire import JobInput, model_ref
 
 log = logging.getLogger(__name__)
 
 
-class PredictionClient:
+class PredictionClient(AsyncCalls):
     """Submits jobs to the queue and collects their results.
 
     Settings come from ``settings`` or the environment (``PREDICTQ_*``);
@@ -135,7 +135,7 @@ class PredictionClient:
         ``UnknownModel`` at once if the serving workers do not have it;
         ``job.model_version`` says which version computed the result.
         """
-        ref = _model_ref(model, version)
+        ref = model_ref(model, version)
         return self._submit(wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref)
 
     def _submit(
@@ -258,7 +258,7 @@ class PredictionClient:
         once; the caller has no handle to wait on it again), like ``apredict``.
         """
         check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        ref = _model_ref(model, version)
+        ref = model_ref(model, version)
         job = self._submit(
             wire.normalize(inputs), deadline_s=deadline_s, rows=None, ref=ref, holdable=True
         )
@@ -271,80 +271,6 @@ class PredictionClient:
     def job(self, job_id: str) -> Job:
         """A handle on a job submitted elsewhere (another process, an earlier run)."""
         return self._job(job_id, self._collector.watch(job_id))
-
-    # --- asyncio ---------------------------------------------------------------
-
-    async def asubmit(
-        self,
-        inputs: object,
-        *,
-        deadline_s: float | None = None,
-        model: str | None = None,
-        version: int | None = None,
-    ) -> Job:
-        """``submit`` for asyncio code: ``job = await client.asubmit(x)``, then ``await job``.
-
-        The submit (input checks, Redis I/O, waiting for an in-flight slot) runs
-        on the client's submit threads, never on the event loop. If the awaiting
-        task is cancelled meanwhile, a job not yet sent never is, and one already
-        sent is forgotten at once.
-        """
-        return await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=False)
-
-    async def _asubmit(
-        self, inputs: object, deadline_s: float | None, ref: ModelRef, *, holdable: bool
-    ) -> Job:
-        if self._closed:
-            raise PredictqError("the client is closed")
-        # On a submit thread: checks, an in-flight slot, then the coalescer, which
-        # returns at once (the job goes out with the next message) unless this
-        # thread has to publish.
-        enqueue = functools.partial(self._enqueue_async, inputs, deadline_s, ref, holdable)
-        job, ticket = await self._submit_pool.run(enqueue, abandoned=_forget_enqueued)
-        try:
-            await wait_done(ticket.sent, None)
-        except asyncio.CancelledError:
-            self._coalescer.withdraw(ticket)  # still queued (held): never sent
-            job.forget()
-            raise
-        ticket.sent.result()  # the publish error, if any (its slot is free again)
-        return job
-
-    def _enqueue_async(
-        self, inputs: object, deadline_s: float | None, ref: ModelRef, holdable: bool
-    ) -> tuple[Job, Ticket[Outgoing]]:
-        return self._enqueue(
-            wire.normalize(inputs),
-            deadline_s=deadline_s,
-            rows=None,
-            task=PREDICT_TASK,
-            waiting=False,
-            ref=ref,
-            holdable=holdable,
-        )
-
-    async def apredict(
-        self,
-        inputs: object,
-        *,
-        timeout: float | None = None,
-        deadline_s: float | None = None,
-        model: str | None = None,
-        version: int | None = None,
-    ) -> Any:
-        """``predict`` for asyncio code: ``await client.apredict(x, timeout=30)``.
-
-        Raises the same typed errors as ``predict``. On ``ResultTimeout``, or when
-        the awaiting task is cancelled, the job is forgotten: its in-flight slot
-        is freed at once, though the job itself may still run on a worker.
-        """
-        check_timeout("timeout", timeout)  # before sending: a bad call sends nothing
-        job = await self._asubmit(inputs, deadline_s, _model_ref(model, version), holdable=True)
-        try:
-            return await job.aget(timeout)
-        except ResultTimeout:
-            job.forget()  # nobody else holds the job
-            raise
 
     # --- queue -----------------------------------------------------------------
 
@@ -371,7 +297,7 @@ class PredictionClient:
         collects the handles submits everything (up to ``max_in_flight``).
         """
         return bulk.submit_chunks(
-            functools.partial(self._submit, deadline_s=deadline_s, ref=_model_ref(model, version)),
+            functools.partial(self._submit, deadline_s=deadline_s, ref=model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=window,
@@ -397,7 +323,7 @@ class PredictionClient:
         check_timeout("timeout", timeout)
         cap = self.settings.max_in_flight
         return bulk.predict_chunks(
-            functools.partial(self._submit, deadline_s=None, ref=_model_ref(model, version)),
+            functools.partial(self._submit, deadline_s=None, ref=model_ref(model, version)),
             wire.normalize(inputs),
             chunk_size=chunk_size,
             window=max(1, min(max_in_flight or cap, cap)),
@@ -421,21 +347,8 @@ class PredictionClient:
         self._broker.close()
         self._results.close()
 
-    async def aclose(self) -> None:
-        """``close`` for asyncio code, off the loop (it joins the client's threads)."""
-        await asyncio.to_thread(self.close)
-
     def __enter__(self) -> PredictionClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _forget_enqueued(enqueued: tuple[Job, Ticket[Outgoing]]) -> None:
-    enqueued[0].forget()
-
-
-def _model_ref(model: str | None, version: int | None) -> ModelRef:
-    # The same check a worker makes on the job's kwargs (predictq/modelref.py).
-    return job_model({"model": model, "version": version}, where="submit")

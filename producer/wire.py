@@ -16,6 +16,7 @@ import numpy as np
 
 from predictq.codec import check_dtype, describe
 from predictq.errors import InvalidInput
+from predictq.modelref import ModelRef, job_model
 from predictq.structure import SINGLE, Layout, flatten, unflatten
 
 Array = np.ndarray[Any, Any]
@@ -87,3 +88,8 @@ def normalize(inputs: object) -> JobInput:
         # The worker matches keys with the model's input names (strings).
         layout = Layout("dict", tuple(str(k) for k in layout.keys))
     return JobInput(layout, arrays)
+
+
+def model_ref(model: str | None, version: int | None) -> ModelRef:
+    """The model a submit names, checked as a worker checks a job's kwargs (modelref)."""
+    return job_model({"model": model, "version": version}, where="submit")
