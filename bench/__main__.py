@@ -74,6 +74,7 @@ def run_model(
                 if args.intra_op_threads
                 else {}
             ),
+            **dict(pair.split("=", 1) for pair in args.worker_env),
         },
     )
     extra: dict[str, float] = {
@@ -392,6 +393,14 @@ def main() -> None:
         default=0,
         help="the predictq worker's PREDICTQ_INTRA_OP_THREADS (0: unset, TensorFlow's default)",
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the predictq worker only (repeatable), e.g. "
+        "TF_ENABLE_ONEDNN_OPTS=0; the in-process raw runs and the naive template keep theirs",
+    )
     args = parser.parse_args()
     args.storm_jobs = 2000 if args.quick else 20_000  # both storms together
     args.idle_jobs = 50 if args.quick else 150
@@ -415,6 +424,7 @@ def main() -> None:
         },
         "quick": args.quick,
         "intra_op_threads": args.intra_op_threads or None,
+        "worker_env": args.worker_env,
         "seconds": round(time.time() - started, 1),
         "results": [r.as_dict() for r in results],
         "ratios": ratios,
