@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from predictq.celeryconf import PREDICT_TASK
 from predictq.errors import PredictqError, ResultTimeout
-from predictq.modelref import DEFAULT_REF, ModelRef
+from predictq.modelref import ModelRef
 from predictq.settings import Settings
 from producer import wire
 from producer.aio import SubmitPool, wait_done
@@ -24,7 +25,7 @@ from producer.coalescer import Coalescer
 from producer.job import Job, check_timeout
 from producer.sender import Outgoing
 from producer.tickets import Ticket
-from producer.wire import JobInput, model_ref
+from producer.wire import model_ref
 
 
 class AsyncCalls:
@@ -35,27 +36,13 @@ class AsyncCalls:
     ``wait_done``: no thread per waiting job, no Redis call on the loop.
     """
 
-    # Provided by PredictionClient.
+    # Provided by PredictionClient (declared, not copied: its signatures live there).
     settings: Settings
     _closed: bool
     _submit_pool: SubmitPool
     _coalescer: Coalescer[Outgoing]
-
-    def _enqueue(
-        self,
-        job_input: JobInput,
-        *,
-        deadline_s: float | None,
-        rows: slice | None,
-        task: str,
-        waiting: bool,
-        ref: ModelRef = DEFAULT_REF,
-        holdable: bool = False,
-    ) -> tuple[Job, Ticket[Outgoing]]:
-        raise NotImplementedError  # PredictionClient's
-
-    def close(self) -> None:
-        raise NotImplementedError  # PredictionClient's
+    _enqueue: Callable[..., tuple[Job, Ticket[Outgoing]]]
+    close: Callable[[], None]
 
     async def asubmit(
         self,
