@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import inspect
+import json
 from typing import Any
 
 import pytest
@@ -16,12 +17,27 @@ from workers.transport import REFUSAL_PROPERTY, GuardedChannel, envelope_problem
 KOMBU_BRPOP_READ_SHA256 = "c42518699709f2df90f55a048fe6346612ae5527e5c4a6819f2c0920dc62088f"
 
 
-def test_the_copied_kombu_method_is_unchanged_in_the_installed_kombu() -> None:
-    source = inspect.getsource(kombu_redis.Channel._brpop_read)
-    digest = hashlib.sha256(source.encode()).hexdigest()
-    assert digest == KOMBU_BRPOP_READ_SHA256, (
-        "kombu's Channel._brpop_read changed: compare it with "
-        "workers/transport.py GuardedChannel._brpop_read, then update the hash"
+#: sha256 of kombu 5.7.0's ``QoS.append``, which LeanQoS mirrors.
+KOMBU_QOS_APPEND_SHA256 = "35c655f6ecc62fe6e9902f7498dde9b47ff27187973d7568e02529c400027416"
+
+
+@pytest.mark.parametrize(
+    ("kombu_method", "digest", "ours"),
+    [
+        (
+            kombu_redis.Channel._brpop_read,
+            KOMBU_BRPOP_READ_SHA256,
+            "workers/transport.py GuardedChannel._brpop_read",
+        ),
+        (kombu_redis.QoS.append, KOMBU_QOS_APPEND_SHA256, "workers/leanchannel.py LeanQoS.append"),
+    ],
+)
+def test_the_kombu_methods_we_mirror_are_unchanged_in_the_installed_kombu(
+    kombu_method: Any, digest: str, ours: str
+) -> None:
+    source = inspect.getsource(kombu_method)
+    assert hashlib.sha256(source.encode()).hexdigest() == digest, (
+        f"kombu's {kombu_method.__qualname__} changed: compare it with {ours}, then update the hash"
     )
 
 
@@ -115,3 +131,73 @@ def test_the_sentinel_channel_of_workers_is_guarded_and_still_finds_the_master()
     assert GuardedSentinelChannel._get_pool is kombu_redis.SentinelChannel._get_pool
     options = set(GuardedSentinelChannel.from_transport_options)
     assert {"master_name", "sentinel_kwargs", "predictq_raw_limit"} <= options
+
+
+def _consume_one(url: str, queue: str) -> Any:
+    """One message received through the workers' transport, left unacknowledged."""
+    from kombu import Connection
+    from kombu import Queue as KombuQueue
+
+    received: list[Any] = []
+    with Connection(url, transport="workers.transport:Transport") as conn:
+        channel = conn.channel()
+        consumer = conn.Consumer(
+            KombuQueue(queue, routing_key=queue),
+            callbacks=[lambda body, message: received.append(message)],
+            accept=["application/x-predictq-msgpack"],
+            channel=channel,
+        )
+        with consumer:
+            conn.drain_events(timeout=10)
+        # Closing without an ack would restore the message: keep the record to read it.
+        channel.qos._delivered.clear()
+    return received[0]
+
+
+def test_a_received_message_is_decoded_once_and_recorded_as_kombu_would(
+    server: Any, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.transport.virtual import base as virtual_base
+
+    from predictq import kombu_layout
+
+    body = bytes(range(256)) * 700  # ~180 KB: a coalesced message's size
+    item = kombu_layout.encode_message(
+        body,
+        queue=queue,
+        content_type="application/x-predictq-msgpack",
+        content_encoding="binary",
+        headers={"id": "job-1", "task": "predictq.predict"},
+        properties={"priority": 0},
+        expiration_ms=None,
+    )
+    decodes: list[int] = []
+    original = virtual_base.Base64.decode
+    monkeypatch.setattr(
+        virtual_base.Base64, "decode", lambda self, s: decodes.append(1) or original(self, s)
+    )
+    with server.client() as r:
+        r.lpush(kombu_layout.list_key(queue), item)
+        message = _consume_one(server.url(0), queue)
+        assert message.body == body
+        assert decodes == []  # the guard's decoding was reused, not done again
+        record = r.hget("unacked", message.delivery_tag)
+        r.hdel("unacked", message.delivery_tag)
+        r.zrem("unacked_index", message.delivery_tag)
+    # What kombu's restore path reads back: the envelope as pushed, exchange, routing key.
+    assert record is not None
+    assert json.loads(record) == [json.loads(item), "", queue]
+
+
+def test_one_redis_client_serves_a_channel_until_kombu_drops_its_pool(server: Any) -> None:
+    from kombu import Connection
+
+    with Connection(server.url(0), transport="workers.transport:Transport") as conn:
+        channel = conn.channel()
+        first = channel._create_client()
+        assert channel._create_client() is first
+        assert first.ping()
+        channel._pool = None  # what kombu does on close and after connection errors
+        second = channel._create_client()
+        assert second is not first
+        assert second.connection_pool is channel.pool

@@ -37,6 +37,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
+from workers.leanchannel import LeanChannel, Popped
+
 #: The property a quarantine envelope carries: why kombu could not use the item.
 REFUSAL_PROPERTY: Final = "predictq_refusal"
 #: Text kept of an item that is not a usable message (see ``Settings``).
@@ -53,28 +55,37 @@ def envelope_problem(payload: object) -> str | None:
     Checks every field kombu's virtual ``Message``, its Redis ``QoS`` and the
     restore path read, with the types they assume.
     """
+    return checked_envelope(payload)[0]
+
+
+def checked_envelope(payload: object) -> tuple[str | None, bytes | None]:
+    """``envelope_problem`` and, for a usable base64 body, the decoded body."""
     if not isinstance(payload, dict):
-        return f"expected a JSON object as the message envelope, received {_kind(payload)}"
+        return f"expected a JSON object as the message envelope, received {_kind(payload)}", None
     properties = payload.get("properties")
     if not isinstance(properties, dict):
-        return f"expected 'properties' as an object, received {_kind(properties)}"
+        return f"expected 'properties' as an object, received {_kind(properties)}", None
     problem = _properties_problem(properties)
     if problem is not None:
-        return problem
+        return problem, None
     for key in ("content-type", "content-encoding"):
         if not _is_str(payload.get(key)):
-            return f"expected {key!r} as a string, received {_kind(payload.get(key))}"
+            return f"expected {key!r} as a string, received {_kind(payload.get(key))}", None
     if not isinstance(payload.get("headers"), dict):
-        return f"expected 'headers' as an object, received {_kind(payload.get('headers'))}"
+        problem = f"expected 'headers' as an object, received {_kind(payload.get('headers'))}"
+        return problem, None
     body = payload.get("body")
     if not _is_str(body):
-        return f"expected 'body' as a string, received {_kind(body)}"
-    if properties.get("body_encoding") == "base64":
-        try:
-            base64.b64decode(str(body), validate=True)
-        except (binascii.Error, ValueError):
-            return "expected 'body' as base64 text (properties.body_encoding), received other text"
-    return None
+        return f"expected 'body' as a string, received {_kind(body)}", None
+    if properties.get("body_encoding") != "base64":
+        return None, None
+    try:
+        return None, base64.b64decode(str(body), validate=True)
+    except (binascii.Error, ValueError):
+        return (
+            "expected 'body' as base64 text (properties.body_encoding), received other text",
+            None,
+        )
 
 
 def _properties_problem(properties: dict[str, Any]) -> str | None:
@@ -110,6 +121,11 @@ def _kind(value: object) -> str:
     if isinstance(value, dict):
         return f"an object with keys {sorted(map(str, value))[:8]}"
     return f"{type(value).__name__} {value!r:.40}"
+
+
+def _refused(envelope: dict[str, Any]) -> Popped:
+    # A quarantine envelope is built here, not parsed: kombu records it itself.
+    return Popped(envelope, None, None)
 
 
 def _task_id_of(payload: object) -> str | None:
@@ -179,8 +195,12 @@ class GuardedMessage(VirtualMessage):
             raise RedisConnectionError(f"channel closed before the reject: {e}") from e
 
 
-class GuardedChannel(kombu_redis.Channel):
-    """A Redis channel that turns unusable list items into quarantine envelopes."""
+class GuardedChannel(LeanChannel):
+    """A Redis channel that turns unusable list items into quarantine envelopes.
+
+    Built on ``LeanChannel``: what the check learns (the parsed envelope, its
+    text, the decoded body) is reused by kombu instead of being computed again.
+    """
 
     Message = GuardedMessage
     #: Characters of an unusable item kept for the dead-letter list; set from the
@@ -225,14 +245,14 @@ class GuardedChannel(kombu_redis.Channel):
                 dest, item = dest__item
                 dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]  # type: ignore[no-untyped-call]
                 self._queue_cycle.rotate(dest)
-                self.connection._deliver(self._checked(item, dest), dest)
+                self.deliver_popped(self._checked(item, dest), dest)
                 return True
             raise Empty()
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
 
-    def _checked(self, item: bytes, queue: str) -> dict[str, Any]:
+    def _checked(self, item: bytes, queue: str) -> Popped:
         """The item's envelope if kombu can use it, else a quarantine envelope."""
         limit = self.predictq_raw_limit
         try:
@@ -240,13 +260,13 @@ class GuardedChannel(kombu_redis.Channel):
         except UnicodeDecodeError:
             text = item.decode("latin-1")
             reason = "expected a kombu message (JSON text), received bytes that are not UTF-8"
-            return quarantine(text, reason, queue, raw_limit=limit, task_id=None)
+            return _refused(quarantine(text, reason, queue, raw_limit=limit, task_id=None))
         try:
             # kombu's own JSON decoder: the same objects kombu would have built.
             payload = kombu_loads(text)  # type: ignore[no-untyped-call]
         except (ValueError, TypeError) as e:
             reason = f"expected a kombu message (a JSON object), received non-JSON text ({e})"
-            return quarantine(text, reason, queue, raw_limit=limit, task_id=None)
+            return _refused(quarantine(text, reason, queue, raw_limit=limit, task_id=None))
         task_id = _task_id_of(payload)
         headers = payload.get("headers") if isinstance(payload, dict) else None
         if isinstance(headers, dict) and "compression" in headers:
@@ -255,18 +275,20 @@ class GuardedChannel(kombu_redis.Channel):
                 f"expected an uncompressed body, received one compressed with "
                 f"{headers['compression']!r:.40}; send large inputs as they are"
             )
-            return quarantine(
-                text, reason, queue, raw_limit=limit, task_id=task_id, kind="compressed"
+            return _refused(
+                quarantine(text, reason, queue, raw_limit=limit, task_id=task_id, kind="compressed")
             )
         too_large = self._too_large(payload)
         if too_large is not None:
-            return quarantine(
-                text, too_large, queue, raw_limit=limit, task_id=task_id, kind="too_large"
+            return _refused(
+                quarantine(
+                    text, too_large, queue, raw_limit=limit, task_id=task_id, kind="too_large"
+                )
             )
-        problem = envelope_problem(payload)
+        problem, body = checked_envelope(payload)
         if problem is None:
-            return payload  # type: ignore[no-any-return]
-        return quarantine(text, problem, queue, raw_limit=limit, task_id=task_id)
+            return Popped(payload, text, body)
+        return _refused(quarantine(text, problem, queue, raw_limit=limit, task_id=task_id))
 
     def _too_large(self, payload: object) -> str | None:
         if not isinstance(payload, dict) or not isinstance(payload.get("body"), str):
