@@ -19,6 +19,7 @@ from kombu import Connection
 from kombu.entity import PERSISTENT_DELIVERY_MODE
 from kombu.transport.redis import Channel
 from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.json import loads as kombu_loads
 
 from predictq import kombu_layout
 from predictq.carrier import JOBS_HEADER, entry
@@ -218,3 +219,53 @@ def test_reader_sees_every_message_that_stays_while_the_queue_moves(
     assert set(watched) - set(seen) == set()
     assert len(seen) > 700
     moving.close()
+
+
+def test_a_message_is_parsed_around_its_body_with_the_same_result(
+    client: PredictionClient, server: RedisServer, queue: str
+) -> None:
+    x = wire.normalize(np.random.default_rng(0).random((40, 16), dtype=np.float32))
+    _send_task(client, "task-2", x)  # kombu's own envelope
+    with server.client() as r:
+        raw = r.rpop(kombu_layout.list_key(queue))
+    ours = client._publisher.encode(
+        "task-3", PREDICT_TASK, (x.value,), expires=None, headers={}, argsrepr=x.summary
+    )
+    for item in (raw, ours):
+        assert isinstance(item, bytes)
+        text = item.decode()
+        parsed: list[str] = []
+
+        def loads(s: str, parsed: list[str] = parsed) -> Any:
+            parsed.append(s)
+            return kombu_loads(s)
+
+        assert kombu_layout.loads_envelope(text, loads) == kombu_loads(text)
+        # Only the envelope around the body went through the JSON decoder.
+        assert len(parsed) == 1 and len(parsed[0]) < 2000 < len(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"body": "QUJD", "x": 1}',
+        '{"body": "a\\u0041b", "x": 1}',  # an escape: not sliced
+        '{"body": "ab\\"c", "x": 1}',
+        '{"body": "a\nb", "x": 1}',  # a raw control character: invalid JSON
+        '{"body": "ab", "body": "cd"}',  # the last one wins, as in json.loads
+        '{"body": "ab"}',
+        '{"x": 1, "body": "ab"}',
+        '{"body": "ab", "x": ',
+        '{"body": "\u00e9", "x": 1}',
+        "[1, 2]",
+        "not json",
+    ],
+)
+def test_parsing_around_the_body_always_agrees_with_json_loads(text: str) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as e:
+        with pytest.raises(type(e)):
+            kombu_layout.loads_envelope(text)
+    else:
+        assert kombu_layout.loads_envelope(text) == expected

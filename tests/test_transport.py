@@ -143,8 +143,7 @@ def _consume_one(url: str, queue: str) -> Any:
         channel = conn.channel()
         consumer = conn.Consumer(
             KombuQueue(queue, routing_key=queue),
-            callbacks=[lambda body, message: received.append(message)],
-            accept=["application/x-predictq-msgpack"],
+            on_message=received.append,  # the raw message: its body is not deserialized
             channel=channel,
         )
         with consumer:

@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
+from predictq.kombu_layout import loads_envelope
 from workers.leanchannel import LeanChannel, Popped
 
 #: The property a quarantine envelope carries: why kombu could not use the item.
@@ -262,8 +263,9 @@ class GuardedChannel(LeanChannel):
             reason = "expected a kombu message (JSON text), received bytes that are not UTF-8"
             return _refused(quarantine(text, reason, queue, raw_limit=limit, task_id=None))
         try:
-            # kombu's own JSON decoder: the same objects kombu would have built.
-            payload = kombu_loads(text)  # type: ignore[no-untyped-call]
+            # kombu's own JSON decoder: the same objects kombu would have built
+            # (around the body, which is only sliced out: predictq/kombu_layout.py).
+            payload = loads_envelope(text, kombu_loads)
         except (ValueError, TypeError) as e:
             reason = f"expected a kombu message (a JSON object), received non-JSON text ({e})"
             return _refused(quarantine(text, reason, queue, raw_limit=limit, task_id=None))
