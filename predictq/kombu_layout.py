@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
+import numpy as np
 import redis
 
 from predictq.carrier import JOBS_HEADER
@@ -105,6 +106,14 @@ def encode_message(
     return b'{"body": "' + base64.b64encode(body) + b'", ' + json.dumps(rest).encode()[1:]
 
 
+def _literal(text: str) -> bool:
+    """Whether ``text`` between JSON quotes stands for itself: no escape, no control character."""
+    if not text.isascii() or "\\" in text:  # isascii is O(1): CPython keeps the flag
+        return False
+    # str.isprintable() walks the text one character at a time (~0.7 ms per 250 KB).
+    return not text or int(np.frombuffer(text.encode("ascii"), np.uint8).min()) >= 0x20
+
+
 #: How every message of this layout begins (kombu's envelopes put the body first too).
 _BODY_PREFIX: Final = '{"body": "'
 
@@ -113,8 +122,8 @@ def loads_envelope(text: str, loads: Callable[[str], Any] = json.loads) -> Any:
     """``loads(text)`` for a message in this layout, without scanning its body twice.
 
     A body-first message (``encode_message``'s, and kombu's own) is parsed
-    around its body: base64 is printable ASCII with no '"' or '\\', and for
-    such text the body's JSON value is the text between its quotes; only the
+    around its body: base64 is ASCII with no '"', '\\' or control character,
+    and for such text the body's JSON value is the text between its quotes; only the
     small rest of the envelope goes through ``loads`` (kombu's decoder in the
     worker). Any other body, text of another shape, or a rest that names a body
     again is parsed whole, so the result is always ``loads(text)``'s.
@@ -124,7 +133,7 @@ def loads_envelope(text: str, loads: Callable[[str], Any] = json.loads) -> Any:
         end = text.find('"', start)
         if end > 0 and text.startswith(", ", end + 1):
             body = text[start:end]
-            if body.isascii() and body.isprintable() and "\\" not in body:
+            if _literal(body):
                 rest = loads("{" + text[end + 3 :])
                 if isinstance(rest, dict) and "body" not in rest:
                     return {"body": body, **rest}
