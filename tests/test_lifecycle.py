@@ -36,7 +36,7 @@ from tests.support.cluster import (
 from tests.support.crash import CRASH
 from tests.support.layers import HANG
 from tests.support.processes import ROOT, base_env, wait_for
-from workers.lifecycle import EX_CONFIG, EX_SOFTWARE
+from workers.exitcodes import EX_CONFIG, EX_SOFTWARE
 
 F = models.FEATURES
 

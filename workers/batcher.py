@@ -43,10 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from predictq.errors import (
     DeadlineExceeded,
@@ -56,23 +53,19 @@ from predictq.errors import (
     Requeue,
 )
 from workers.arrivals import ArrivalTracker
-from workers.pieces import Array, Piece, Request, RunFn
+from workers.pieces import (
+    Array,
+    BatchStats,
+    Piece,
+    Request,
+    RunFn,
+    joined_inputs,
+    split_outputs,
+)
 
 __all__ = ["Array", "BatchStats", "Batcher"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """What one device call did, for metrics."""
-
-    samples: int
-    requests: int
-    device_s: float
-    oldest_wait_s: float
-    #: What the submitter labelled the batch's requests with (model name, version).
-    labels: tuple[str, str] = ("", "")
 
 
 class Batcher:
@@ -385,12 +378,7 @@ class Batcher:
 
     def _call(self, pieces: list[Piece]) -> list[list[Array]]:
         """One device call for ``pieces``; the outputs split back per piece."""
-        if len(pieces) == 1:
-            inputs = pieces[0].inputs
-        else:
-            inputs = [
-                np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces), strict=True)
-            ]
+        inputs = joined_inputs(pieces)
         total = sum(p.n for p in pieces)
         started = self._call_started = time.monotonic()
         try:
@@ -408,9 +396,4 @@ class Batcher:
             oldest = min(p.request.submitted_at for p in pieces)
             stats = BatchStats(total, len(pieces), device_s, started - oldest, pieces[0].labels)
             self._on_batch(stats)
-        split: list[list[Array]] = []
-        start = 0
-        for piece in pieces:
-            split.append([out[start : start + piece.n] for out in outputs])
-            start += piece.n
-        return split
+        return split_outputs(pieces, outputs)

@@ -47,7 +47,6 @@ import time
 from contextlib import ExitStack, closing
 from datetime import UTC, datetime
 from typing import Any, NoReturn
-from wsgiref.simple_server import WSGIServer
 
 from billiard.process import active_children
 from celery.concurrency import get_implementation
@@ -64,17 +63,13 @@ from workers.app import worker_settings
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
 from workers.devicethread import device_thread
+from workers.exitcodes import EX_SOFTWARE, code_for
 from workers.hotload import RepositoryWatcher, warm_on_device
 from workers.model import import_model_modules
 from workers.registry import ModelRegistry, ServedVersion
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-#: A setting or the model file must be fixed (sysexits.h EX_CONFIG).
-EX_CONFIG = 78
-#: Anything else that makes a worker unable to serve (sysexits.h EX_SOFTWARE).
-EX_SOFTWARE = 70
 
 
 class _Worker:
@@ -189,11 +184,6 @@ def exit_code() -> int:
     return 0 if _Worker.exit_code is None else int(_Worker.exit_code.value)
 
 
-def code_for(error: BaseException) -> int:
-    """EX_CONFIG for what an operator must fix in the configuration, else EX_SOFTWARE."""
-    return EX_CONFIG if isinstance(error, ConfigError | ModelLoadError) else EX_SOFTWARE
-
-
 # --- every process that serves ------------------------------------------------------
 
 
@@ -274,7 +264,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
 
             metrics.MODEL_READY.set(1)
             stack.callback(metrics.MODEL_READY.set, 0)
-            server = _serve_metrics(settings, index)
+            server = metrics.serve_for(settings, index)
             if server is not None:
                 stack.callback(metrics.stop, server)
 
@@ -357,14 +347,6 @@ def _models_changed() -> None:
     registry, readiness, watcher = _process.registry, _process.readiness, _process.watcher
     if registry is not None and readiness is not None and watcher is not None:
         readiness.update({"loads": watcher.loads, **registry.describe()})
-
-
-def _serve_metrics(settings: Settings, index: int) -> WSGIServer | None:
-    if settings.metrics_port is None:
-        return None
-    # Port 0 picks a free port; prefork children serve on the port plus their index.
-    port = settings.metrics_port + index if settings.metrics_port else 0
-    return metrics.serve(port, settings.metrics_address)
 
 
 def _withdraw_runtime() -> None:

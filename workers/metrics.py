@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
+from predictq.settings import Settings
 from workers.batcher import BatchStats
 from workers.model import LoadedModel
 
@@ -150,6 +151,15 @@ def record_released(name: str, version: int) -> None:
     labels = (name, str(version))
     for gauge in (MODEL_COMPILES, MODEL_INFO, MODEL_LOAD_SECONDS):
         gauge.remove(*labels)  # a no-op if never recorded
+
+
+def serve_for(settings: Settings, index: int) -> WSGIServer | None:
+    """The endpoint ``settings`` ask for (None: metrics off); prefork children add their index."""
+    if settings.metrics_port is None:
+        return None
+    # Port 0 picks a free port; prefork children serve on the port plus their index.
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    return serve(port, settings.metrics_address)
 
 
 def serve(port: int, address: str) -> WSGIServer | None:

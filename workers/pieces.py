@@ -76,3 +76,32 @@ class Piece:
             Piece(self.request, self.offset, first, self.isolated, self.run, self.labels),
             Piece(self.request, self.offset + k, rest, self.isolated, self.run, self.labels),
         )
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one device call did, for metrics."""
+
+    samples: int
+    requests: int
+    device_s: float
+    oldest_wait_s: float
+    #: What the submitter labelled the batch's requests with (model name, version).
+    labels: tuple[str, str] = ("", "")
+
+
+def joined_inputs(pieces: list[Piece]) -> list[Array]:
+    """One array per model input holding every piece's samples, in order."""
+    if len(pieces) == 1:
+        return pieces[0].inputs
+    return [np.concatenate(cols) for cols in zip(*(p.inputs for p in pieces), strict=True)]
+
+
+def split_outputs(pieces: list[Piece], outputs: list[Array]) -> list[list[Array]]:
+    """Each piece's rows of a batch's outputs (views, in ``pieces`` order)."""
+    split: list[list[Array]] = []
+    start = 0
+    for piece in pieces:
+        split.append([out[start : start + piece.n] for out in outputs])
+        start += piece.n
+    return split
