@@ -75,7 +75,7 @@ class LeanChannel(kombu_redis.Channel):
 
     def decode_body(self, body: Any, encoding: str | None = None) -> Any:
         popped = self.predictq_popped
-        if popped is not None and popped.body is not None and body is popped.envelope["body"]:
+        if popped is not None and popped.body is not None and body is popped.envelope.get("body"):
             return popped.body
         return super().decode_body(body, encoding)  # type: ignore[no-untyped-call]
 
