@@ -9,9 +9,11 @@ their threads, which becomes the next leader. So a busy client sends one
 message per round trip to Redis, carrying every job that arrived during the
 previous one.
 
-Tickets of asyncio submits (``waiting=False``) have no thread waiting on them:
-when a batch holds only such tickets, the leader publishes it as well, and goes
-on until the queue is empty or a batch with a waiting thread can take over.
+Tickets of asyncio submits and of ``predict`` (``waiting=False``: their callers
+wait for the result, not for the publish) have no thread waiting on them: when
+a batch holds only such tickets, the leader publishes it as well, and goes on
+until the queue is empty or a batch with a waiting thread can take over; a
+held batch of them is published by the release thread.
 
 Holding. A publish takes a fraction of a millisecond, so callers that each
 wait for their result before submitting again (``predict`` in a closed loop)

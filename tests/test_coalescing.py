@@ -326,6 +326,30 @@ def test_submits_queued_during_an_outage_each_raise_within_their_own_submit_time
         assert client._collector.pending() == 0
 
 
+def test_predicts_queued_during_an_outage_each_raise_the_publish_error() -> None:
+    # predict waits on its result only (not on its publish): the publish error
+    # must reach it through the result, for the leader and the queued alike.
+    with PredictionClient(
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",
+        result_backend=f"redis://127.0.0.1:{free_port()}/1",
+        submit_timeout_s=2,
+        max_in_flight=8,
+    ) as client:
+        held = HeldPublish(client)
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(client.predict, np.ones((1, F), np.float32), timeout=60)
+            assert held.holding.wait(10)
+            rest = [
+                pool.submit(client.predict, np.ones((1, F), np.float32), timeout=60)
+                for _ in range(7)
+            ]
+            held.release_when_queued(7)
+            errors = [f.exception(30) for f in [first, *rest]]
+        assert all(isinstance(e, BrokerUnavailable) for e in errors), errors
+        assert all(client._slots.acquire(timeout=0) for _ in range(8)), "a slot was not freed"
+        assert client._collector.pending() == 0
+
+
 # --- faults: poison, SIGKILL ---------------------------------------------------
 
 

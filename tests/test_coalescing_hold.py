@@ -403,6 +403,22 @@ def test_with_no_worker_a_held_predict_goes_out_after_the_hold_limit(
     assert unserved.queue_length() == 2
 
 
+def test_a_held_predict_that_times_out_is_taken_back_unsent_and_frees_its_slot(
+    unserved: PredictionClient,
+) -> None:
+    x = np.ones((1, F), np.float32)
+    unserved.submit(x)  # never held: goes out, and stays unanswered (no worker)
+    messages = unserved._coalescer.messages
+    # Its hold (300 ms) outlasts its timeout: still queued when predict gives up.
+    with pytest.raises(ResultTimeout, match=r"no result within 0\.1s"):
+        unserved.predict(x, timeout=0.1)
+    assert unserved._coalescer.held == 1
+    assert queued(unserved._coalescer) == 0, "the timed-out job is still queued"
+    assert unserved._coalescer.messages == messages
+    assert unserved._collector.pending() == 1  # the submit's job only
+    assert unserved.queue_length() == 1
+
+
 def test_submit_is_never_held_and_a_cancelled_held_apredict_is_never_sent(
     unserved: PredictionClient,
 ) -> None:
