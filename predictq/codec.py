@@ -20,7 +20,6 @@ and pickle is never involved.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import re
@@ -28,6 +27,7 @@ from typing import Any, Final
 
 import msgpack
 import numpy as np
+import pybase64
 from kombu.serialization import register
 from kombu.utils import json as kombu_json
 
@@ -96,7 +96,7 @@ def decode_array(obj: dict[Any, Any]) -> np.ndarray[Any, Any]:
     shape = _checked_shape(shape_field)
     if isinstance(data, str):
         try:
-            data = base64.b64decode(data, validate=True)
+            data = pybase64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise InvalidInput("ndarray map: 'data' is a string but not valid base64") from e
     if not isinstance(data, bytes | bytearray | memoryview):

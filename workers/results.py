@@ -29,7 +29,6 @@ traceback (its file paths and code) stays in the worker's log unless
 
 from __future__ import annotations
 
-import base64
 import traceback as tb
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import pybase64
 from celery import states
 from celery.app.task import Context
 from celery.backends.redis import RedisBackend, SentinelBackend
@@ -137,7 +137,7 @@ def _ndarray_map(array: np.ndarray[Any, Any]) -> dict[str, object]:
         NDARRAY_KEY: 1,
         "dtype": contiguous.dtype.str,
         "shape": list(contiguous.shape),
-        "data": base64.b64encode(contiguous.tobytes()).decode("ascii"),
+        "data": pybase64.b64encode(contiguous.tobytes()).decode("ascii"),
     }
 
 
