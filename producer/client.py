@@ -211,9 +211,7 @@ class PredictionClient(AsyncCalls):
         """The job's message is published (or failed to be): track it, or free its slot."""
         if error is not None:
             # A caller waiting on the result (``predict``) gets the publish error.
-            if not future.done():
-                future.set_exception(error)
-            self._collector.forget(job.job_id)
+            self._collector.fail(job.job_id, error)
             self._slots.release()
             return
         # Republished (if lost) with a fresh PREDICTQ_SUBMIT_TIMEOUT_S of its own.

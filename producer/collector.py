@@ -90,6 +90,20 @@ class ResultCollector:
         if entry is not None:
             entry[0].cancel()
 
+    def fail(self, task_id: str, error: BaseException) -> None:
+        """Stop waiting for ``task_id``, whose future gets ``error`` (its publish failed).
+
+        Like ``forget``, a no-op if its result already arrived: whoever takes the
+        key out of ``_pending`` is the one who completes its future.
+        """
+        key = RESULT_KEY_PREFIX + task_id
+        with self._lock:
+            entry = self._pending.pop(key, None)
+            if entry is not None and not key.startswith(self._own):
+                self._unsubscribe.append(key)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(error)
+
     def pending(self) -> int:
         """How many results are awaited."""
         with self._lock:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from predictq.carrier import JOBS_HEADER
 from predictq.celeryconf import PREDICT_JOBS_TASK
@@ -28,6 +29,7 @@ from predictq.kombu_layout import UNACKED_KEY
 from predictq_ops.redis_server import RedisServer, free_port
 from producer import Job, PredictionClient
 from producer.coalescer import Coalescer
+from producer.collector import ResultCollector
 from producer.tickets import Ticket
 from tests.support import models
 from tests.support.cluster import (
@@ -348,6 +350,34 @@ def test_predicts_queued_during_an_outage_each_raise_the_publish_error() -> None
         assert all(isinstance(e, BrokerUnavailable) for e in errors), errors
         assert all(client._slots.acquire(timeout=0) for _ in range(8)), "a slot was not freed"
         assert client._collector.pending() == 0
+
+
+def test_a_failed_publish_completes_only_a_future_whose_result_has_not_arrived(
+    redis_server: RedisServer,
+) -> None:
+    # The collector and a failed publish may race for one job's future: whoever
+    # takes its key out of the pending set completes it, the other leaves it be.
+    client = redis.Redis.from_url(redis_server.url(1))
+    collector = ResultCollector(client, json.loads, own_prefix="t-fail.")
+    try:
+        arrived, failed = collector.watch("t-fail.arrived"), collector.watch("t-fail.failed")
+        meta = json.dumps({"status": "SUCCESS", "result": 1})
+        # Published until the collector's pattern subscription is up and hears it.
+        wait_for(
+            lambda: client.publish("celery-task-meta-t-fail.arrived", meta) and arrived.done(),
+            10,
+            "the result to arrive",
+        )
+        error = BrokerUnavailable("Redis is down")
+        collector.fail("t-fail.arrived", error)
+        collector.fail("t-fail.failed", error)
+        collector.fail("t-fail.unknown", error)
+        assert arrived.result(0) == {"status": "SUCCESS", "result": 1}
+        assert failed.exception(0) is error
+        assert collector.pending() == 0
+    finally:
+        collector.close()
+        client.close()
 
 
 # --- faults: poison, SIGKILL ---------------------------------------------------
