@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from predictq.errors import DeadlineExceeded, DeviceOutOfMemory, PredictionError, Requeue
+from tests.support.processes import wait_for
 from workers.arrivals import wait_for_more_s
 from workers.batcher import Batcher, BatchStats
 
@@ -270,6 +271,30 @@ def test_an_announced_job_is_waited_for_and_joins_the_batch(make: Any) -> None:
     assert first.result(5)[0][0, 0] == 6
     assert second[0].result(5)[0][0, 0] == 14
     assert model.batches == [2]
+
+
+def test_announced_jobs_that_fill_a_batch_run_before_the_announcement_ends(make: Any) -> None:
+    # Jobs submitted while announced do not wake the device thread one by one;
+    # a full batch still does, or it would wait for the announcement to end.
+    model = FakeModel()
+    batcher = make(model, max_batch_size=4, batch_wait_ms=10_000)
+    with batcher.announce():
+        futures = [batcher.submit([rows(0, 1)])]
+        wait_for(lambda: batcher._filling == 1, 5, "the device thread to wait for more")
+        futures += [batcher.submit([rows(i, 1)]) for i in range(1, 4)]
+        assert model.entered.wait(5), "a full batch waited for the announcement to end"
+        outputs = [f.result(5)[0] for f in futures]
+    assert model.batches == [4]
+    assert [o[0, 0] for o in outputs] == [0, 2, 4, 6]
+
+
+def test_announced_jobs_all_join_the_batch_the_first_one_starts(make: Any) -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=64, batch_wait_ms=10_000)
+    with batcher.announce():
+        futures = [batcher.submit([rows(i, 1)]) for i in range(5)]
+    assert [f.result(5)[0][0, 0] for f in futures] == [0, 2, 4, 6, 8]
+    assert model.batches == [5]
 
 
 def test_waiting_is_worth_it_only_when_another_job_is_expected() -> None:

@@ -61,6 +61,7 @@ from workers.pieces import (
     RunFn,
     joined_inputs,
     split_outputs,
+    take_compatible,
 )
 
 __all__ = ["Array", "BatchStats", "Batcher"]
@@ -102,6 +103,11 @@ class Batcher:
         self._queue: deque[Piece] = deque()
         self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._incoming = 0
+        # The device thread's wait, for ``submit`` to wake it only when needed:
+        # True while it waits for a first piece; the samples of the batch it is
+        # filling while it waits for more (0 otherwise).
+        self._idle = False
+        self._filling = 0
         self._closed = False
         self._arrivals = ArrivalTracker()  # guarded by _cond too
         # Written only by the device thread; read without a lock by a watchdog
@@ -181,7 +187,12 @@ class Batcher:
                 raise Requeue("the worker process is stopping and takes no new jobs")
             self._arrivals.arrived(request.submitted_at)
             self._queue.extend(pieces)
-            self._cond.notify_all()
+            # While jobs are announced, a device thread filling a batch waits for
+            # them to end (``announce`` notifies) or for a full batch: waking it
+            # for every job of a coalesced message costs a thread switch each.
+            queued = self._filling + sum(p.n for p in self._queue)
+            if self._idle or not self._incoming or queued >= self._max:
+                self._cond.notify_all()
         return request.future
 
     def on_device(self, task: Callable[[], Any]) -> Future[Any]:
@@ -284,7 +295,9 @@ class Batcher:
                     return []
                 if self._closed:
                     return None
+                self._idle = True
                 self._cond.wait()
+                self._idle = False
             first = self._queue.popleft()
             batch, samples = [first], first.n
             if first.isolated:
@@ -292,35 +305,18 @@ class Batcher:
             self._arrivals.new_batch()
             wait_until = time.monotonic() + self._wait_s
             while samples < self._max:
-                samples = self._take_compatible(batch, samples)
+                samples, self._queue = take_compatible(self._queue, batch, samples, self._max)
                 now = time.monotonic()
                 wait_s = self._arrivals.wait_s(self._incoming, now, wait_until - now)
                 if samples >= self._max or wait_s <= 0:
                     break
                 on_rate_alone = self._incoming == 0
+                self._filling = samples
                 self._cond.wait(wait_s)
+                self._filling = 0
                 if on_rate_alone:
                     self._arrivals.waited(brought_a_job=bool(self._queue))
             return batch
-
-    def _take_compatible(self, batch: list[Piece], samples: int) -> int:
-        """Move queued pieces that fit into ``batch`` (FIFO; caller holds _cond)."""
-        signature, run = batch[0].signature, batch[0].run
-        kept: deque[Piece] = deque()
-        while self._queue:
-            piece = self._queue.popleft()
-            if piece.isolated or piece.run is not run or piece.signature != signature:
-                kept.append(piece)
-            elif samples + piece.n <= self._max:
-                batch.append(piece)
-                samples += piece.n
-            else:
-                # First in line for the next batch: keep FIFO order.
-                kept.append(piece)
-                kept.extend(self._queue)
-                self._queue.clear()
-        self._queue = kept
-        return samples
 
     def _run_batch(self, batch: list[Piece]) -> None:
         now = time.monotonic()
@@ -382,7 +378,7 @@ class Batcher:
         total = sum(p.n for p in pieces)
         started = self._call_started = time.monotonic()
         try:
-            # One run per batch: _take_compatible never mixes two.
+            # One run per batch: take_compatible never mixes two.
             outputs = pieces[0].run(inputs)
         finally:
             self._call_started = None

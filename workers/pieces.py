@@ -8,6 +8,7 @@ batches pieces of the same ``run`` and input signature together.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -105,3 +106,25 @@ def split_outputs(pieces: list[Piece], outputs: list[Array]) -> list[list[Array]
         split.append([out[start : start + piece.n] for out in outputs])
         start += piece.n
     return split
+
+
+def take_compatible(
+    queue: deque[Piece], batch: list[Piece], samples: int, max_samples: int
+) -> tuple[int, deque[Piece]]:
+    """Move queued pieces that fit into ``batch`` (FIFO): same run and signature, not
+    isolated, up to ``max_samples``. Returns the batch's samples and the queue left."""
+    signature, run = batch[0].signature, batch[0].run
+    kept: deque[Piece] = deque()
+    while queue:
+        piece = queue.popleft()
+        if piece.isolated or piece.run is not run or piece.signature != signature:
+            kept.append(piece)
+        elif samples + piece.n <= max_samples:
+            batch.append(piece)
+            samples += piece.n
+        else:
+            # First in line for the next batch: keep FIFO order.
+            kept.append(piece)
+            kept.extend(queue)
+            queue.clear()
+    return samples, kept
