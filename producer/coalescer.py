@@ -10,10 +10,10 @@ message per round trip to Redis, carrying every job that arrived during the
 previous one.
 
 Tickets of asyncio submits and of ``predict`` (``waiting=False``: their callers
-wait for the result, not for the publish) have no thread waiting on them: when
-a batch holds only such tickets, the leader publishes it as well, and goes on
-until the queue is empty or a batch with a waiting thread can take over; a
-held batch of them is published by the release thread.
+wait for the result, not for the publish) have no thread waiting on them: a
+batch of only such tickets is published by the release thread, which leads on
+until the queue is empty or a batch with a waiting thread can take over. A
+caller's thread publishes its own message, never the ones after it.
 
 Holding. A publish takes a fraction of a millisecond, so callers that each
 wait for their result before submitting again (``predict`` in a closed loop)
@@ -204,9 +204,20 @@ class Coalescer(Generic[T]):
                         self._start_releaser()
                         self._cond.notify()
                     return
+                if threading.current_thread() is not self._releaser and not any(
+                    t.waiting for t in batch
+                ):
+                    # No thread of their own (asyncio, predict): the release thread
+                    # leads on. A caller's thread stays for no one else's message:
+                    # under a steady stream it would publish for ever, its own
+                    # result long in.
+                    self._orphan = batch
+                    self._start_releaser()
+                    self._cond.notify()
+                    return
             if self._hand_over(batch):
                 return
-            # Only asyncio tickets, with no thread of their own: publish them here.
+            # The release thread, with a batch that no thread waits on: publish it here.
 
     def _hand_over(self, batch: list[Ticket[T]]) -> bool:
         """Make a waiting thread of ``batch`` its leader; False if it has none."""

@@ -138,11 +138,13 @@ def test_a_failed_publish_fails_every_job_of_its_message_each_with_its_own_error
     assert len({id(e) for e in errors[1:]}) == 3, "threads would share one traceback"
 
 
-def test_asyncio_tickets_are_published_by_the_leader_without_a_thread_of_their_own() -> None:
+def test_tickets_without_a_waiting_thread_are_published_by_the_release_thread() -> None:
+    # asyncio and predict tickets: their callers wait for results, not publishes.
+    # The leader's thread publishes its own message only, then returns.
     send = FakeSend()
     coalescer = Coalescer(send, max_jobs=3, max_samples=100, max_bytes=1000)
     leader = ticket(0)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="caller") as pool:
         first = pool.submit(coalescer.submit, leader)
         assert send.holding.wait(10)
         later = [ticket(i, waiting=False) for i in range(1, 8)]
@@ -151,8 +153,10 @@ def test_asyncio_tickets_are_published_by_the_leader_without_a_thread_of_their_o
         assert not any(t.sent.done() for t in later)
         send.release.set()
         first.result(10)
+    assert all(t.sent.result(10) is None for t in later)
     assert send.messages == [[0], [1, 2, 3], [4, 5, 6], [7]]
-    assert all(t.sent.result() is None for t in later)
+    assert send.threads[0].startswith("caller")
+    assert send.threads[1:] == ["predictq-coalesce"] * 3
 
 
 def test_bad_bounds_are_refused_with_the_value() -> None:
