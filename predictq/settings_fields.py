@@ -201,6 +201,13 @@ class SettingsFields:
     inter_op_threads: int | None = field(
         default=None, metadata={"help": "TensorFlow inter-op threads (unset = TF default)."}
     )
+    tf_thread_spinning: bool = field(
+        default=True,
+        metadata={
+            "help": "TensorFlow's thread pools spin-wait for work between ops (TF's default); "
+            "false: they sleep, leaving the cores to other work (README, Benchmark)."
+        },
+    )
 
     # --- Producer ----------------------------------------------------------
     submit_timeout_s: float = field(

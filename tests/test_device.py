@@ -122,3 +122,31 @@ def test_a_process_whose_keras_already_runs_another_backend_is_refused(
     assert select(Settings(keras_backend="tensorflow")).name == "tensorflow"
     with pytest.raises(ConfigError, match="Keras was already imported with tensorflow"):
         select(Settings(keras_backend="jax"))
+
+
+SPINNING_PROBE = """
+import os
+from predictq.settings import Settings
+from workers.device import configure_devices
+configure_devices(Settings.from_env(dict(os.environ)))
+import tensorflow as tf
+from tensorflow.python.eager import context
+tf.constant(1.0) + 1.0  # initializes the runtime, which reads the config once
+print("disabled:", context.context().config.experimental.disable_thread_spinning)
+"""
+
+
+@pytest.mark.parametrize(("setting", "disabled"), [(None, False), ("false", True)])
+def test_tensorflow_thread_pools_sleep_between_ops_when_spinning_is_turned_off(
+    setting: str | None, disabled: bool
+) -> None:
+    extra = {} if setting is None else {"PREDICTQ_TF_THREAD_SPINNING": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", SPINNING_PROBE],
+        env=base_env(CUDA_VISIBLE_DEVICES="", **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert f"disabled: {disabled}" in out.stdout, out.stderr[-2000:]

@@ -69,6 +69,42 @@ def op_error_text(error: BaseException, max_chars: int = 1000) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
+def _disable_thread_spinning() -> None:
+    """Make TensorFlow's thread pools sleep between ops instead of spin-waiting for work.
+
+    TensorFlow spins by default: after each op its idle pool threads keep a core
+    busy for a while, waiting for the next. That core is what the worker's
+    Celery and predictq threads (and, on a shared host, Redis and producers)
+    need. Measured on 2 shared cores (README, Benchmark): in process, the conv
+    net's batch-16 call 6.9 -> 5.4 ms at 8.7 -> 5.9 ms of CPU, batch 1 4.0 ->
+    2.8 ms, batches of 256+ unchanged; through the worker, an asyncio storm
+    gains 10-20% and a closed-loop storm loses about as much (each call then
+    wakes sleeping threads): spinning stays on by default, as in TensorFlow.
+
+    TF 2 has no public API for ``ConfigProto.experimental.disable_thread_spinning``
+    in eager mode (``tf.compat.v1.enable_eager_execution(config=...)`` is a no-op
+    once eager is the default), but the eager context serializes its
+    ``ConfigProto`` (``Context._config`` plus the ``tf.config`` deltas) into the
+    runtime when it initializes, which creates the pools; so the proto is set
+    there, before that. Like ``tf.config.threading``, it cannot change later.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    ctx: Any = context.context()
+    if ctx._initialized:
+        log.warning(
+            "TensorFlow is already initialized in this process: its thread pools keep spinning"
+        )
+        return
+    config = config_pb2.ConfigProto()
+    if ctx._config is not None:
+        config.CopyFrom(ctx._config)
+    config.experimental.disable_thread_spinning = True
+    ctx._config = config
+    log.info("TensorFlow thread pools sleep between ops (PREDICTQ_TF_THREAD_SPINNING=false)")
+
+
 class TensorflowBackend(Backend):
     """Keras on TensorFlow (the default)."""
 
@@ -78,6 +114,8 @@ class TensorflowBackend(Backend):
         check_one_tensorflow()
         import tensorflow as tf
 
+        if not settings.tf_thread_spinning:
+            _disable_thread_spinning()
         if settings.intra_op_threads is not None:
             tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
         if settings.inter_op_threads is not None:
