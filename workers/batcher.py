@@ -190,8 +190,11 @@ class Batcher:
             # While jobs are announced, a device thread filling a batch waits for
             # them to end (``announce`` notifies) or for a full batch: waking it
             # for every job of a coalesced message costs a thread switch each.
-            queued = self._filling + sum(p.n for p in self._queue)
-            if self._idle or not self._incoming or queued >= self._max:
+            if (
+                self._idle
+                or not self._incoming
+                or self._filling + sum(p.n for p in self._queue) >= self._max
+            ):
                 self._cond.notify_all()
         return request.future
 
