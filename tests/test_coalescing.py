@@ -9,6 +9,7 @@ jobs meant to travel together are queued behind it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -308,50 +309,32 @@ def test_coalescing_off_sends_every_job_in_its_own_message(
         assert (alone._coalescer.messages, alone._coalescer.jobs) == (5, 5)
 
 
-def test_submits_queued_during_an_outage_each_raise_within_their_own_submit_timeout() -> None:
+@pytest.mark.parametrize("call", ["submit", "predict"])
+def test_jobs_queued_during_an_outage_each_raise_within_their_own_submit_timeout(
+    call: str,
+) -> None:
+    # predict waits on its result only (not on its publish): the publish error
+    # reaches it through the result, for the leader and the queued alike.
     with PredictionClient(
         broker_url=f"redis://127.0.0.1:{free_port()}/0",
         result_backend=f"redis://127.0.0.1:{free_port()}/1",
         submit_timeout_s=2,
         max_in_flight=8,
     ) as client:
+        send = client.submit if call == "submit" else functools.partial(client.predict, timeout=60)
         held = HeldPublish(client)
         started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
-            first = pool.submit(client.submit, np.ones((1, F), np.float32))
+            first = pool.submit(send, np.ones((1, F), np.float32))
             assert held.holding.wait(10)
-            rest = [pool.submit(client.submit, np.ones((1, F), np.float32)) for _ in range(7)]
+            rest = [pool.submit(send, np.ones((1, F), np.float32)) for _ in range(7)]
             held.release_when_queued(7)
             errors = [f.exception(30) for f in [first, *rest]]
         took_s = time.monotonic() - started
         assert all(isinstance(e, BrokerUnavailable) for e in errors), errors
         # The 7 queued behind the first do not get 2 s more of their own: each
-        # submit gives up 2 s after it began (4 s if the second publish retried anew).
+        # job gives up 2 s after it began (4 s if the second publish retried anew).
         assert took_s < 3.5
-        assert all(client._slots.acquire(timeout=0) for _ in range(8)), "a slot was not freed"
-        assert client._collector.pending() == 0
-
-
-def test_predicts_queued_during_an_outage_each_raise_the_publish_error() -> None:
-    # predict waits on its result only (not on its publish): the publish error
-    # must reach it through the result, for the leader and the queued alike.
-    with PredictionClient(
-        broker_url=f"redis://127.0.0.1:{free_port()}/0",
-        result_backend=f"redis://127.0.0.1:{free_port()}/1",
-        submit_timeout_s=2,
-        max_in_flight=8,
-    ) as client:
-        held = HeldPublish(client)
-        with ThreadPoolExecutor(8) as pool:
-            first = pool.submit(client.predict, np.ones((1, F), np.float32), timeout=60)
-            assert held.holding.wait(10)
-            rest = [
-                pool.submit(client.predict, np.ones((1, F), np.float32), timeout=60)
-                for _ in range(7)
-            ]
-            held.release_when_queued(7)
-            errors = [f.exception(30) for f in [first, *rest]]
-        assert all(isinstance(e, BrokerUnavailable) for e in errors), errors
         assert all(client._slots.acquire(timeout=0) for _ in range(8)), "a slot was not freed"
         assert client._collector.pending() == 0
 
