@@ -82,27 +82,28 @@ class ResultCollector:
 
     def forget(self, task_id: str) -> None:
         """Stop waiting for ``task_id`` (its future is cancelled if unresolved)."""
-        key = RESULT_KEY_PREFIX + task_id
-        with self._lock:
-            entry = self._pending.pop(key, None)
-            if entry is not None and not key.startswith(self._own):
-                self._unsubscribe.append(key)
-        if entry is not None:
-            entry[0].cancel()
+        future = self._take(task_id)
+        if future is not None:
+            future.cancel()
 
     def fail(self, task_id: str, error: BaseException) -> None:
         """Stop waiting for ``task_id``, whose future gets ``error`` (its publish failed).
 
-        Like ``forget``, a no-op if its result already arrived: whoever takes the
-        key out of ``_pending`` is the one who completes its future.
+        Like ``forget``, a no-op if its result already arrived.
         """
+        future = self._take(task_id)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _take(self, task_id: str) -> Future[dict[str, Any]] | None:
+        """Take ``task_id`` out of ``_pending``: the caller now completes its future, and
+        nobody else does (the collector resolves only what it takes out itself)."""
         key = RESULT_KEY_PREFIX + task_id
         with self._lock:
             entry = self._pending.pop(key, None)
             if entry is not None and not key.startswith(self._own):
                 self._unsubscribe.append(key)
-        if entry is not None and not entry[0].done():
-            entry[0].set_exception(error)
+        return None if entry is None else entry[0]
 
     def pending(self) -> int:
         """How many results are awaited."""
