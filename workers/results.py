@@ -88,7 +88,7 @@ def store_job_outcomes(backend: Any, outcomes: Sequence[JobOutcome]) -> None:
     Each record is what Celery writes for a ``predictq.predict`` task (the same
     backend, state, encoding and expiry), so every reader of single-job results
     reads it unchanged; ``backend`` is the worker's ``ResultBackend``, which
-    stores them all in two round trips (``store_outcomes``).
+    stores them all in one or two round trips (``store_outcomes``).
     """
     if outcomes:
         backend.store_outcomes(outcomes)
@@ -203,18 +203,24 @@ class _PredictqRecords:
         return meta
 
     def store_outcomes(self, outcomes: Sequence[JobOutcome]) -> None:
-        """Store many jobs' records: one MGET, then one pipeline of SET and PUBLISH.
+        """Store many jobs' records: one pipeline of SET and PUBLISH (and an MGET before
+        it only when some of them are failures).
 
         Celery's ``store_result`` costs two round trips per job (it reads the
         stored record first, then writes it and publishes it): for a message of
         a dozen jobs those sequential round trips, not the model, were most of
         the worker's time. The rules stay Celery's (celery/backends/base.py
-        ``_store_result``, redis.py ``_set``): a stored SUCCESS is never
-        overwritten (a redelivered job must not turn its answer into a
-        failure); a failure expires after ``result_failure_expires``; each
-        record is written before it is published, on one connection, so a
-        subscriber that reads the key on the message finds it. The retries are
-        Celery's too: the backend's retry policy around each round trip, then
+        ``_store_result``, redis.py ``_set``) where they matter: a stored
+        SUCCESS is never overwritten by a failure (a redelivered job must not
+        turn its answer into a failure), so a failure is written only after an
+        MGET found no SUCCESS under its key; a success is written without that
+        read: over a stored SUCCESS it writes the same pure prediction again (a
+        record consistent with itself if a new model version computed it), and
+        the read cost every message a round trip on the path to its callers.
+        A failure expires after ``result_failure_expires``; each record is
+        written before it is published, on one connection, so a subscriber that
+        reads the key on the message finds it. The retries are Celery's too:
+        the backend's retry policy around each round trip, then
         ``result_backend_always_retry`` around the whole.
         """
         records = [self._record(o) for o in outcomes]
@@ -256,8 +262,12 @@ class _PredictqRecords:
         return key, value, state
 
     def _store_records(self, records: list[tuple[str, str | bytes, str]]) -> None:
-        stored = self.ensure(self.mget, ([key for key, _, _ in records],))  # type: ignore[attr-defined]
-        writes = [r for r, current in zip(records, stored, strict=True) if not _succeeded(current)]
+        failures = [key for key, _, state in records if state == states.FAILURE]
+        kept: set[str] = set()
+        if failures:
+            stored = self.ensure(self.mget, (failures,))  # type: ignore[attr-defined]
+            kept = {k for k, current in zip(failures, stored, strict=True) if _succeeded(current)}
+        writes = [r for r in records if r[0] not in kept]
         if writes:
             self.ensure(self._set_many, (writes,))  # type: ignore[attr-defined]
 
