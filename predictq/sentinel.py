@@ -237,7 +237,8 @@ def master_client(
     carry them to the new master.
     """
     parsed = parse(url, name="url")
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    # redis-py types Sentinel (and master_for) from 8.2 on; before, untyped calls.
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         list(parsed.sentinels),
         sentinel_kwargs=sentinel_kwargs(
             parsed, password=password, socket_timeout_s=socket_timeout_s
@@ -253,7 +254,7 @@ def master_client(
         master_kwargs["username"] = parsed.username
     if parsed.password is not None:
         master_kwargs["password"] = parsed.password
-    client: SentinelRedis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: SentinelRedis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         master, redis_class=SentinelRedis, **master_kwargs
     )
     client.sentinels = sentinel

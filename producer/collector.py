@@ -124,7 +124,8 @@ class ResultCollector:
     def _run(self) -> None:
         backoff_s = 0.05
         while not self._closed.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+            # redis-py types pubsub() from 8.2 on; before, an untyped call.
+            pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 with self._lock:
                     # (Re)subscribe everything pending: after a reconnect the new
