@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo up test lint unit bench bench-quick bench-backends bench-repository clean
+.PHONY: demo up test lint unit bench bench-quick bench-backends bench-repository bench-bulk-baseline clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "predictq needs Python >= 3.11, found " + sys.version' 
@@ -45,6 +45,9 @@ bench-backends: $(STAMP)
 
 bench-repository: $(STAMP)
 	$(BIN)/python -m bench.repository
+
+bench-bulk-baseline: $(STAMP)
+	$(BIN)/python -m bench.bulk_baseline
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache bench/results
