@@ -112,6 +112,18 @@ class Settings(SettingsFields):
             "milliseconds between 0 and 10000",
         )
         _require(
+            self.cpu_shards is None or self.cpu_shards >= 1,
+            "cpu_shards",
+            self.cpu_shards,
+            "integer >= 1 (1 = off), or unset",
+        )
+        _require(
+            self.cpu_shard_min_rows >= 1,
+            "cpu_shard_min_rows",
+            self.cpu_shard_min_rows,
+            "integer >= 1",
+        )
+        _require(
             self.worker_concurrency >= 1,
             "worker_concurrency",
             self.worker_concurrency,

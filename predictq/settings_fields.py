@@ -194,12 +194,25 @@ class SettingsFields:
     intra_op_threads: int | None = field(
         default=None,
         metadata={
-            "help": "TensorFlow intra-op threads (unset = TF default, one per core); 1 serves "
-            "small batches faster where the worker shares its cores (README, Benchmark)."
+            "help": "TensorFlow intra-op threads; unset = 1 on CPU while batches run in parts "
+            "(PREDICTQ_CPU_SHARDS), else TF's default, one per core."
         },
     )
     inter_op_threads: int | None = field(
         default=None, metadata={"help": "TensorFlow inter-op threads (unset = TF default)."}
+    )
+    cpu_shards: int | None = field(
+        default=None,
+        metadata={
+            "help": "On CPU (TensorFlow): a large batch runs as up to this many row parts at "
+            "once, each op on one thread; unset = one part per usable core unless "
+            "PREDICTQ_INTRA_OP_THREADS is set; 1 = off, TensorFlow's intra-op threads instead "
+            "(README, Benchmark)."
+        },
+    )
+    cpu_shard_min_rows: int = field(
+        default=32,
+        metadata={"help": "The fewest rows in one part of a split CPU batch (smaller run whole)."},
     )
     tf_thread_spinning: bool = field(
         default=True,

@@ -6,6 +6,7 @@ GPU; bench/gpu_check.sh measures them on a GPU machine (see README).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ except ConfigError as e:
 info = configure_devices(Settings.from_env({"PREDICTQ_DEVICE": "auto",
                                             "PREDICTQ_INTRA_OP_THREADS": "1"}))
 import tensorflow as tf
-print("auto:", info.kind, tf.config.threading.get_intra_op_parallelism_threads())
+print("auto:", info.kind, tf.config.threading.get_intra_op_parallelism_threads(), info.cpu_shards)
 """
 
 
@@ -46,7 +47,46 @@ def test_asking_for_a_gpu_without_one_fails_clearly_and_auto_falls_back_to_cpu()
         "gpu: PREDICTQ_DEVICE=gpu but TensorFlow sees no GPU (check CUDA_VISIBLE_DEVICES"
         in out.stdout
     )
-    assert "auto: cpu 1" in out.stdout
+    # An explicit intra-op thread count: no row parts unless asked for.
+    assert "auto: cpu 1 1" in out.stdout
+
+
+THREADS_PROBE = """
+import os
+from predictq.settings import Settings
+from workers.device import configure_devices
+info = configure_devices(Settings.from_env(dict(os.environ)))
+import tensorflow as tf
+print("cpu:", info.kind, info.cpu_shards, tf.config.threading.get_intra_op_parallelism_threads())
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "shards", "intra"),
+    [
+        ({}, len(os.sched_getaffinity(0)), 1),
+        ({"PREDICTQ_CPU_SHARDS": "3"}, 3, 1),
+        ({"PREDICTQ_CPU_SHARDS": "3", "PREDICTQ_INTRA_OP_THREADS": "2"}, 3, 2),
+        ({"PREDICTQ_CPU_SHARDS": "1"}, 1, 0),  # 0: TensorFlow's own default
+    ],
+)
+def test_a_cpu_worker_splits_batches_by_core_with_one_intra_op_thread_each(
+    env: dict[str, str], shards: int, intra: int
+) -> None:
+    if not env and shards == 1:
+        intra = 0  # one usable core: nothing to split, TensorFlow's default threads
+    # Without the test suite's own thread counts: the defaults a deployment gets.
+    probe_env = base_env(CUDA_VISIBLE_DEVICES="")
+    del probe_env["PREDICTQ_INTRA_OP_THREADS"], probe_env["PREDICTQ_INTER_OP_THREADS"]
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS_PROBE],
+        env={**probe_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert f"cpu: cpu {shards} {intra}" in out.stdout
 
 
 def test_tensorflow_and_tensorflow_cpu_side_by_side_are_refused() -> None:

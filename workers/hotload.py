@@ -34,6 +34,7 @@ from workers.batcher import Batcher
 from workers.model import LoadedModel, load_model
 from workers.registry import ModelRegistry, ServedVersion
 from workers.repository import VersionDir, model_file, scan
+from workers.shards import Sharder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class RepositoryWatcher:
         warm: Callable[[LoadedModel], None],
         on_loaded: Callable[[ServedVersion], None] | None = None,
         on_change: Callable[[], None] | None = None,
+        sharder: Sharder | None = None,
     ) -> None:
         self._settings = settings
+        self._sharder = sharder
         self._registry = registry
         #: Versions loaded by this process so far (a version loads once).
         self.loads = 0
@@ -138,7 +141,11 @@ class RepositoryWatcher:
         name, version = found.name, found.version
         started = time.monotonic()
         try:
-            model = load_model(model_file(found.path), max_batch_size=self._settings.max_batch_size)
+            model = load_model(
+                model_file(found.path),
+                max_batch_size=self._settings.max_batch_size,
+                sharder=self._sharder,
+            )
             self.loads += 1
             self._warm(model)
         except Exception as e:

@@ -68,6 +68,7 @@ from workers.hotload import RepositoryWatcher, warm_on_device
 from workers.model import import_model_modules
 from workers.registry import ModelRegistry, ServedVersion
 from workers.runtime import Runtime
+from workers.shards import Sharder
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,12 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
         with ExitStack() as stack:
             started = time.monotonic()
             # First: the Keras backend and its devices are chosen before Keras loads.
-            device = configure_devices(settings).kind
+            devices = configure_devices(settings)
+            device = devices.kind
             import_model_modules(settings.model_imports)
+            # Closed after the device thread (an ExitStack unwinds in reverse).
+            sharder = Sharder(devices.cpu_shards, settings.cpu_shard_min_rows)
+            stack.callback(sharder.close)
 
             results = stack.enter_context(closing(client_for(settings, settings.result_backend)))
             broker = stack.enter_context(closing(client_for(settings, settings.broker_url)))
@@ -247,6 +252,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
                 settings,
                 registry,
                 warm=functools.partial(warm_on_device, batcher),
+                sharder=sharder,
                 on_loaded=functools.partial(_loaded, device=device),
                 on_change=_models_changed,
             )
@@ -273,6 +279,7 @@ def _start(settings: Settings, *, nodename: str, index: int) -> None:
                 "queue": settings.queue,
                 "warm": True,
                 "device": device,
+                "cpu_shards": devices.cpu_shards,
                 "backend": backends.current().name,
                 "load_s": round(warm_s, 3),
                 "since": datetime.now(UTC).isoformat(),

@@ -28,6 +28,7 @@ from predictq.errors import DeviceOutOfMemory, ModelLoadError, PredictqError
 from predictq.structure import Structure, flatten
 from workers import backends
 from workers.backends import Backend, CompiledCall
+from workers.shards import Sharder
 from workers.spec import ModelSpec, check_inputs, tensor_spec
 
 log = logging.getLogger(__name__)
@@ -109,12 +110,15 @@ def import_model_modules(modules: Sequence[str]) -> None:
             raise ModelLoadError(f"PREDICTQ_MODEL_IMPORTS: cannot import {name!r}: {e}") from e
 
 
-def load_model(path: str, *, max_batch_size: int | None = None) -> LoadedModel:
+def load_model(
+    path: str, *, max_batch_size: int | None = None, sharder: Sharder | None = None
+) -> LoadedModel:
     """Load ``path`` (.keras, .h5 or SavedModel dir) and compile its inference call.
 
     It runs on the backend Keras runs in this process (``workers.backends.select``
     chooses it before Keras is imported); ``max_batch_size`` bounds the batch
-    sizes compiled ahead (JAX) and warmed up.
+    sizes compiled ahead (JAX) and warmed up; ``sharder`` (the process's) splits
+    large CPU batches into parts computed at once (workers/shards.py).
     """
     started = time.monotonic()
     if not os.path.exists(path):
@@ -134,6 +138,8 @@ def load_model(path: str, *, max_batch_size: int | None = None) -> LoadedModel:
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot load model {path!r}: {type(e).__name__}: {e}") from e
+    if sharder is not None:
+        compiled = sharder.wrap(compiled)
     load_s = time.monotonic() - started
     log.info(
         "loaded %s model %s on %s in %.2fs: inputs %s, outputs %s",

@@ -29,6 +29,8 @@ class DeviceInfo:
 
     kind: str  # "gpu" or "cpu"
     gpus: tuple[str, ...]
+    #: Row parts a large CPU batch runs as, at once (workers/shards.py); 1 = whole.
+    cpu_shards: int = 1
 
 
 @dataclass(frozen=True)

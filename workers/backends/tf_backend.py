@@ -14,6 +14,7 @@ reads it itself; predictq never overrides it.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
@@ -105,6 +106,40 @@ def _disable_thread_spinning() -> None:
     log.info("TensorFlow thread pools sleep between ops (PREDICTQ_TF_THREAD_SPINNING=false)")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as ``taskset`` sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _cpu_threads(settings: Settings) -> int:
+    """Set TensorFlow's intra-op threads for CPU compute; returns the row parts of a batch.
+
+    By default one part per usable core, each op on one thread (workers/shards.py);
+    an explicit ``PREDICTQ_INTRA_OP_THREADS`` turns the parts off unless
+    ``PREDICTQ_CPU_SHARDS`` asks for them too.
+    """
+    import tensorflow as tf
+
+    parts = settings.cpu_shards
+    if parts is None:
+        parts = usable_cores() if settings.intra_op_threads is None else 1
+    intra = settings.intra_op_threads
+    if intra is None and parts > 1:
+        intra = 1
+    if intra is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if parts > 1:
+        log.info(
+            "CPU: batches of %d+ rows run as up to %d parts at once, %s intra-op thread(s) each",
+            2 * settings.cpu_shard_min_rows,
+            parts,
+            intra,
+        )
+    return parts
+
+
 class TensorflowBackend(Backend):
     """Keras on TensorFlow (the default)."""
 
@@ -116,23 +151,22 @@ class TensorflowBackend(Backend):
 
         if not settings.tf_thread_spinning:
             _disable_thread_spinning()
-        if settings.intra_op_threads is not None:
-            tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
         if settings.inter_op_threads is not None:
             tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
 
+        # Listing devices does not initialize the runtime: thread counts can still change.
         gpus = tf.config.list_physical_devices("GPU")
-        if settings.device == "cpu":
-            if gpus:
-                tf.config.set_visible_devices([], "GPU")
-            return DeviceInfo("cpu", ())
-        if not gpus:
+        if settings.device == "cpu" or not gpus:
             if settings.device == "gpu":
                 raise ConfigError(
                     "PREDICTQ_DEVICE=gpu but TensorFlow sees no GPU (check CUDA_VISIBLE_DEVICES, "
                     "the NVIDIA driver, and that predictq[gpu] is installed)"
                 )
-            return DeviceInfo("cpu", ())
+            if gpus:
+                tf.config.set_visible_devices([], "GPU")
+            return DeviceInfo("cpu", (), _cpu_threads(settings))
+        if settings.intra_op_threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
         for gpu in gpus:
             if settings.gpu_memory_limit_mb is not None:
                 # A logical device with a memory limit replaces memory growth:
