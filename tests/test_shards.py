@@ -6,6 +6,7 @@ splits a real model's batches, checked against the in-process model.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from producer import PredictionClient
 from tests.support import models
 from tests.support.processes import WorkerProcess
 from workers.backends import CompiledCall
+from workers.backends.tf_backend import quota_cores, usable_cores
 from workers.shards import Sharder
 
 
@@ -117,6 +119,20 @@ def test_one_part_leaves_the_call_as_it_is() -> None:
     s.close()
     with pytest.raises(ValueError, match="parts and min_rows must be >= 1"):
         Sharder(0, 4)
+
+
+def test_a_cgroup_cpu_quota_caps_the_parts(tmp_path: Path) -> None:
+    # docker run --cpus 1.5: a quota of 150000 per 100000; the affinity still shows every core.
+    assert quota_cores("150000 100000\n") == 2
+    assert quota_cores("100000 100000") == 1
+    assert quota_cores("max 100000") is None
+    assert quota_cores("garbage") is None
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("100000 100000\n")
+    assert usable_cores(str(cpu_max)) == 1
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(str(cpu_max)) == len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path / "absent")) == len(os.sched_getaffinity(0))
 
 
 def test_a_worker_splits_a_real_models_batches_and_every_row_is_its_own(

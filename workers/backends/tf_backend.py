@@ -106,11 +106,29 @@ def _disable_thread_spinning() -> None:
     log.info("TensorFlow thread pools sleep between ops (PREDICTQ_TF_THREAD_SPINNING=false)")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as ``taskset`` sets it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``), capped by a
+    cgroup v2 CPU quota (``docker run --cpus``, a Kubernetes CPU limit), which the
+    affinity does not show: a container limited to 2 CPUs of a 16-core host sees 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open(cpu_max) as f:
+            quota = quota_cores(f.read())
+    except OSError:
+        quota = None
+    return max(1, min(cores or 1, quota or cores or 1))
+
+
+def quota_cores(cpu_max: str) -> int | None:
+    """Whole cores of a cgroup v2 ``cpu.max`` ("<quota> <period>", or "max ..." for none)."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return max(1, -(-quota // period)) if period > 0 else None
 
 
 def _cpu_threads(settings: Settings) -> int:
