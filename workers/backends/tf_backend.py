@@ -110,13 +110,16 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may run on: its CPU affinity (``taskset``), capped by a
     cgroup v2 CPU quota (``docker run --cpus``, a Kubernetes CPU limit), which the
     affinity does not show: a container limited to 2 CPUs of a 16-core host sees 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     try:
         with open(cpu_max) as f:
             quota = quota_cores(f.read())
     except OSError:
-        quota = None
-    return max(1, min(cores or 1, quota or cores or 1))
+        quota = None  # no cgroup v2 CPU controller here
+    return cores if quota is None else min(cores, quota)
 
 
 def quota_cores(cpu_max: str) -> int | None:
