@@ -36,6 +36,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.__main__ import reference
 from bench.models import build
 from predictq_ops.redis_server import RedisServer
 
@@ -71,15 +72,6 @@ def unpack(ref: str, into: Path) -> str:
         members = [m for m in archive.getmembers() if m.isfile() or m.isdir()]
         archive.extractall(into, members=members, filter="data")
     return commit.stdout.strip()
-
-
-def expected_outputs(model_path: str, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    import keras
-
-    model = keras.models.load_model(model_path, compile=False)
-    return np.concatenate(
-        [np.asarray(model(x[i : i + 1024], training=False)) for i in range(0, len(x), 1024)]
-    )
 
 
 def one_round(
@@ -121,7 +113,7 @@ def main() -> None:
             m = models[name]
             x = m.inputs(m.bulk_rows, seed=3)
             files = {"model": m.path}
-            for label, array in (("inputs", x), ("expected", expected_outputs(m.path, x))):
+            for label, array in (("inputs", x), ("expected", reference(m.path, x))):
                 files[label] = os.path.join(tmp, f"{name}-{label}.npy")
                 np.save(files[label], array)
             rates: dict[str, list[float]] = {"base": [], "current": []}
