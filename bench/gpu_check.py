@@ -41,9 +41,10 @@ from bench import procs, scenarios
 from bench.__main__ import reference
 from bench.backends import raw_in
 from bench.models import BenchModel, build
-from bench.scenarios import Result, bulk, closed_loop
+from bench.scenarios import Result, async_storm, bulk, closed_loop
+from predictq.celeryconf import NOOP_TASK
 from predictq_ops.redis_server import RedisServer
-from producer import PredictionClient
+from producer import PredictionClient, wire
 
 DEVICE = os.environ.get("PREDICTQ_DEVICE", "gpu")
 Row = dict[str, Any]
@@ -135,29 +136,62 @@ def serve(
             queue=queue,
             result_timeout_s=300,
         ) as client,
+        PredictionClient(
+            broker_url=server.url(0),
+            result_backend=server.url(1),
+            queue=queue,
+            result_timeout_s=300,
+            coalesce_max_jobs=1,
+        ) as single,
     ):
 
         def one(i: int) -> Any:
             return client.predict(x[i : i + 1])
 
+        def noop(i: int) -> Any:
+            # The per-message ceiling: one message per job, a task that does nothing.
+            single._submit(
+                wire.normalize(x[i : i + 1]), deadline_s=None, rows=None, task=NOOP_TASK
+            ).get()
+            return expected[i : i + 1]
+
         closed_loop(m.name, "warm-up", one, expected, jobs=50, threads=8)
         compiled = sum(w.metrics()["predictq_model_compiles"] for w in pool)
-        before = [w.metrics() for w in pool]
-        storm = closed_loop(m.name, "storm", one, expected, jobs=args.storm_jobs, threads=32)
-        rows.append(row(storm, device_busy(before, pool, storm.seconds)))
-        if count == 1:
+        if count == 1 and "storm" in args.parts:
+            ceiling = closed_loop(
+                m.name, "noop (per message)", noop, expected, jobs=args.storm_jobs, threads=32
+            )
+            rows.append(row(ceiling, ""))
+        if "storm" in args.parts:
+            before = [w.metrics() for w in pool]
+            storm = closed_loop(m.name, "storm", one, expected, jobs=args.storm_jobs, threads=32)
+            rows.append(row(storm, device_busy(before, pool, storm.seconds), per_job(before, pool)))
+        if count == 1 and "storm" in args.parts:
+            before = [w.metrics() for w in pool]
+            astorm = async_storm(
+                m.name,
+                lambda a: client.apredict(a, timeout=300),
+                x,
+                expected,
+                jobs=args.storm_jobs,
+                in_flight=64,
+            )
+            rows.append(
+                row(astorm, device_busy(before, pool, astorm.seconds), per_job(before, pool))
+            )
             idle = closed_loop(m.name, "idle", one, expected, jobs=args.idle_jobs, threads=1)
             rows.append(row(idle, ""))
         chunk = 8192 if m.name == "mlp" else best
-        before = [w.metrics() for w in pool]
-        b = bulk(
-            m.name,
-            lambda a: client.predict_many(a, chunk_size=chunk, timeout=600),
-            xb,
-            reference(m.path, xb),
-            note=f"{len(xb):,} rows, chunk {chunk}",
-        )
-        rows.append(row(b, device_busy(before, pool, b.seconds)))
+        if "bulk" in args.parts:
+            before = [w.metrics() for w in pool]
+            b = bulk(
+                m.name,
+                lambda a: client.predict_many(a, chunk_size=chunk, timeout=600),
+                xb,
+                reference(m.path, xb),
+                note=f"{len(xb):,} rows, chunk {chunk}",
+            )
+            rows.append(row(b, device_busy(before, pool, b.seconds)))
         memory = gpu_memory_mb(pids(pool))
         later = sum(w.metrics()["predictq_model_compiles"] for w in pool)
         for r in rows:
@@ -166,7 +200,30 @@ def serve(
     return rows, memory
 
 
-def row(r: Result, busy: str) -> Row:
+def per_job(before: list[dict[str, float]], pool: list[procs.Worker]) -> str:
+    """Jobs per broker message and per device call since ``before``, over all of ``pool``."""
+    after = [w.metrics() for w in pool]
+
+    def grown(name: str) -> float:
+        return sum(a[name] - b[name] for a, b in zip(after, before, strict=True))
+
+    per_message = grown("predictq_message_jobs_sum") / max(
+        1.0, grown("predictq_message_jobs_count")
+    )
+    per_call = grown("predictq_batch_size_jobs_sum") / max(
+        1.0, grown("predictq_batch_size_jobs_count")
+    )
+    return f"{per_message:.1f} jobs/message, {per_call:.1f} jobs/device call"
+
+
+def row(r: Result, busy: str, jobs: str = "") -> Row:
+    """One table row of ``r``, also printed at once (a run cut short still shows its rows)."""
+    note = "; ".join(n for n in (r.note, jobs) if n)
+    print(
+        f"  {r.model} {r.scenario}: {r.jobs_per_s:,.1f} jobs/s, {r.samples_per_s:,.0f} samples/s, "
+        f"busy {busy or '-'}, {r.errors} errors; {note}",
+        flush=True,
+    )
     return {
         "scenario": r.scenario,
         "model": r.model,
@@ -177,7 +234,7 @@ def row(r: Result, busy: str) -> Row:
         "busy": busy,
         "errors": r.errors,
         "max_abs_err": r.max_abs_err,
-        "note": r.note,
+        "note": note,
     }
 
 
@@ -186,6 +243,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
     parser.add_argument("--models", default="mlp,mobilenetv2")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument(
+        "--parts",
+        default="storm,bulk,memory,two",
+        help="what to run after raw: storm (no-op ceiling, storms, idle), bulk, memory, two",
+    )
     parser.add_argument("--limit-mb", type=int, default=4096, help="the memory-limit case")
     args = parser.parse_args()
     import jax
@@ -214,10 +276,11 @@ def main() -> None:
                     f"{raw['alone_ms']:.2f} ms alone",
                 }
             )
-            print(f"[{m.name}] raw done: best batch {best}", flush=True)
-            served, _ = serve(server, m, args, best, 1, {})
-            rows += served
-            if m.name != "mlp":
+            print(f"  {m.name} raw: {rows[-1]}", flush=True)
+            if "storm" in args.parts or "bulk" in args.parts:
+                served, _ = serve(server, m, args, best, 1, {})
+                rows += served
+            if m.name != "mlp" or "memory" not in args.parts:
                 continue
             # A ready worker (warmed up to batches of 4096): what each setting holds.
             for label, env in (
@@ -231,14 +294,35 @@ def main() -> None:
                 with workers(server, m, f"gpu-mem-{len(rows)}", 1, env) as pool:
                     memory = gpu_memory_mb(pids(pool))
                 rows.append({"scenario": label, "model": m.name, "gpu_mb": memory})
+                print(f"  {m.name} {label}: GPU MiB {memory}", flush=True)
+            if "two" not in args.parts:
+                continue
             two, _ = serve(server, m, args, best, 2, {})
             for r2 in two:
                 r2["scenario"] = f"2 workers: {r2['scenario']}"
             rows += two
     report(rows)
+    ratios = {}
+    for m in models:
+        by = {r["scenario"]: r for r in rows if r["model"] == m.name}
+        if "noop (per message)" in by and "storm" in by:
+            ceiling = by["noop (per message)"]["jobs_per_s"] or 1.0
+            ratios[m.name] = {
+                "storm / noop": by["storm"]["jobs_per_s"] / ceiling,
+                "asyncio storm / noop": by["predictq asyncio storm"]["jobs_per_s"] / ceiling,
+            }
+            print(
+                f"{m.name}: storm {ratios[m.name]['storm / noop']:.2f}x the per-message "
+                f"ceiling, asyncio storm {ratios[m.name]['asyncio storm / noop']:.2f}x"
+            )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"device": DEVICE, "seconds": round(time.time() - started, 1), "rows": rows}
+    summary = {
+        "device": DEVICE,
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+        "ratios": ratios,
+    }
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nwrote {out / 'gpu_check.json'} ({summary['seconds']:.0f}s in all)")
     if any(r.get("errors") for r in rows):

