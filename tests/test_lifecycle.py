@@ -373,3 +373,16 @@ def test_a_start_that_fails_half_way_undoes_what_it_started(
     )
     assert seen["exit"] == EX_SOFTWARE
     assert seen["after"] == {**NOTHING_LEFT, "redis_clients": None}
+
+
+def test_pool_kind_names_the_three_pools_and_refuses_any_other() -> None:
+    from predictq.errors import ConfigError
+    from workers.app import pool_kind
+
+    assert [pool_kind(p) for p in ("threads", "prefork", "solo")] == ["threads", "prefork", "solo"]
+
+    class GreenPool:  # any other pool, e.g. gevent's or a custom one
+        pass
+
+    with pytest.raises(ConfigError, match="threads, prefork or solo, got GreenPool"):
+        pool_kind(GreenPool)

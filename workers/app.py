@@ -143,3 +143,19 @@ app.add_defaults(_configure)
 app.user_options["preload"].add(
     click.Option(["--predictq-settings"], hidden=True, default="env", show_default=False)
 )
+
+
+def pool_kind(pool_cls: Any) -> str:
+    """threads, prefork or solo: the pool ``pool_cls`` (a class or its name) is, or ConfigError."""
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+    from celery.concurrency.solo import TaskPool as SoloPool
+    from celery.concurrency.thread import TaskPool as ThreadsPool
+
+    cls = get_implementation(pool_cls)
+    for kind, known in (("threads", ThreadsPool), ("prefork", PreforkPool), ("solo", SoloPool)):
+        if isinstance(cls, type) and issubclass(cls, known):
+            return kind
+    raise ConfigError(
+        f"worker pool must be threads, prefork or solo, got {getattr(cls, '__name__', cls)}"
+    )

@@ -49,17 +49,13 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from billiard.process import active_children
-from celery.concurrency import get_implementation
-from celery.concurrency.prefork import TaskPool as PreforkPool
-from celery.concurrency.solo import TaskPool as SoloPool
-from celery.concurrency.thread import TaskPool as ThreadsPool
 
 from predictq.errors import ConfigError, ModelLoadError, ModelNotReady, Requeue
 from predictq.readiness import ReadinessRecord
 from predictq.redis_client import client_for
 from predictq.settings import Settings, mask_url
 from workers import backends, metrics
-from workers.app import worker_settings
+from workers.app import pool_kind, worker_settings
 from workers.deliveries import DeliveryTracker
 from workers.device import configure_devices
 from workers.devicethread import device_thread
@@ -112,7 +108,7 @@ def start_worker(worker: Any) -> None:
         _Worker.exit_code = multiprocessing.RawValue(ctypes.c_int, 0)
     try:
         settings = worker_settings()
-        _Worker.pool = _pool_kind(worker.pool_cls)
+        _Worker.pool = pool_kind(worker.pool_cls)
     except ConfigError as e:
         _abort_start(e)
     log.info(
@@ -392,13 +388,3 @@ def _abort_start(error: BaseException) -> NoReturn:
 def _record(code: int) -> None:
     if _Worker.exit_code is not None and not _Worker.exit_code.value:
         _Worker.exit_code.value = code
-
-
-def _pool_kind(pool_cls: Any) -> str:
-    cls = get_implementation(pool_cls)
-    for kind, known in (("threads", ThreadsPool), ("prefork", PreforkPool), ("solo", SoloPool)):
-        if isinstance(cls, type) and issubclass(cls, known):
-            return kind
-    raise ConfigError(
-        f"worker pool must be threads, prefork or solo, got {getattr(cls, '__name__', cls)}"
-    )
