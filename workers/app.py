@@ -147,6 +147,8 @@ app.user_options["preload"].add(
 
 def pool_kind(pool_cls: Any) -> str:
     """threads, prefork or solo: the pool ``pool_cls`` (a class or its name) is, or ConfigError."""
+    # Imported here, not with this module: every `celery -A workers ...` command
+    # (Flower, inspect) loads the app, and only a starting worker needs the pools.
     from celery.concurrency import get_implementation
     from celery.concurrency.prefork import TaskPool as PreforkPool
     from celery.concurrency.solo import TaskPool as SoloPool
