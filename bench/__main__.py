@@ -22,10 +22,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import procs
 from bench.models import BenchModel, build
-from bench.scenarios import Result, async_storm, bulk, closed_loop, interleaved, raw
+from bench.scenarios import (
+    Result,
+    async_storm,
+    bulk,
+    closed_loop,
+    interleaved,
+    noop_call,
+    raw,
+)
 from predictq.celeryconf import NOOP_TASK
 from predictq_ops.redis_server import RedisServer
-from producer import PredictionClient, wire
+from producer import PredictionClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,10 +108,7 @@ def run_model(
             def predict_one(i: int) -> Any:
                 return client.predict(x[i : i + 1])
 
-            def noop_one(i: int) -> Any:
-                one = wire.normalize(x[i : i + 1])
-                single._submit(one, deadline_s=None, rows=None, task=NOOP_TASK).get()
-                return expected[i : i + 1]  # nothing to check: the task returns None
+            noop_one = noop_call(single, x, expected)
 
             def threads_round(label: str, call: Any) -> Any:
                 def run(base: int, jobs: int) -> Result:

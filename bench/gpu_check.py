@@ -41,10 +41,9 @@ from bench import procs, scenarios
 from bench.__main__ import reference
 from bench.backends import raw_in
 from bench.models import BenchModel, build
-from bench.scenarios import Result, async_storm, bulk, closed_loop
-from predictq.celeryconf import NOOP_TASK
+from bench.scenarios import Result, async_storm, bulk, closed_loop, noop_call
 from predictq_ops.redis_server import RedisServer
-from producer import PredictionClient, wire
+from producer import PredictionClient
 
 DEVICE = os.environ.get("PREDICTQ_DEVICE", "gpu")
 Row = dict[str, Any]
@@ -148,12 +147,7 @@ def serve(
         def one(i: int) -> Any:
             return client.predict(x[i : i + 1])
 
-        def noop(i: int) -> Any:
-            # The per-message ceiling: one message per job, a task that does nothing.
-            single._submit(
-                wire.normalize(x[i : i + 1]), deadline_s=None, rows=None, task=NOOP_TASK
-            ).get()
-            return expected[i : i + 1]
+        noop = noop_call(single, x, expected)
 
         closed_loop(m.name, "warm-up", one, expected, jobs=50, threads=8)
         compiled = sum(w.metrics()["predictq_model_compiles"] for w in pool)

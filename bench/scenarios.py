@@ -172,6 +172,21 @@ def closed_loop(
     )
 
 
+def noop_call(single: Any, x: Array, expected: Array) -> Callable[[int], Any]:
+    """Job ``i`` as a ``predictq.noop`` task through ``single`` (a client with coalescing
+    off): one message per job, a task that does nothing, the per-message ceiling. Returns
+    the expected row, so ``closed_loop``'s check passes (the task itself returns None)."""
+    from predictq.celeryconf import NOOP_TASK
+    from producer import wire
+
+    def call(i: int) -> Any:
+        one = wire.normalize(x[i : i + 1])
+        single._submit(one, deadline_s=None, rows=None, task=NOOP_TASK).get()
+        return expected[i : i + 1]
+
+    return call
+
+
 def async_storm(
     name: str,
     apredict: Callable[[Array], Awaitable[Any]],
