@@ -136,6 +136,28 @@ def test_a_full_queue_follows_a_large_unanswered_message_at_once_one_past_the_ca
     assert send.wait_messages(4)[3] == rest
 
 
+def test_a_refill_waits_for_as_many_jobs_as_the_message_answered_last_carried() -> None:
+    send = Recorder()
+    coalescer = coalescer_for(send, cap=1)
+    answers: list[Future[Any]] = [Future() for _ in range(17)]
+    coalescer.submit(held_ticket(0, answers[0]))
+    for i in range(1, 7):  # held behind [0], then one message of 6 jobs
+        coalescer.submit(held_ticket(i, answers[i]))
+    answers[0].set_result({})
+    assert send.wait_messages(2)[1] == [1, 2, 3, 4, 5, 6]
+    for i in range(7, 11):  # 4 jobs, fewer than the 6 the newest message carries: held
+        coalescer.submit(held_ticket(i, answers[i]))
+    answers[1].set_result({})  # the 6-job message is answered: the 4 go
+    assert send.wait_messages(3)[2] == [7, 8, 9, 10]
+    # The 6-job message's callers come back while the 4-job one computes: all
+    # six go together, not a message of 4 (the newest's size) and 2 left behind.
+    for i in range(11, 16):
+        coalescer.submit(held_ticket(i, answers[i]))
+    assert len(send.messages) == 3 and queued(coalescer) == 5
+    coalescer.submit(held_ticket(16, answers[16]))  # the sixth: published on this thread
+    assert send.messages[3:] == [[11, 12, 13, 14, 15, 16]]
+
+
 class LateCallbacks(Future[Any]):
     """A result future whose done-callbacks have not run yet (the collector is still busy)."""
 
