@@ -54,6 +54,23 @@ class Result:
         return d
 
 
+def check_distinguishes(label: str, expected: Array) -> None:
+    """Fail unless the model's outputs tell its inputs apart by far more than ``ATOL``.
+
+    Every scenario compares each job's output with the in-process output for its
+    own input; that catches rows mixed up between jobs only if different inputs
+    give different outputs. (An untrained conv net once gave 0.1 everywhere.)
+    """
+    rows = expected.reshape(len(expected), -1)
+    distinct = len(np.unique(np.round(rows / (100 * ATOL)), axis=0))
+    if len(rows) > 1 and distinct < 0.99 * len(rows):
+        raise RuntimeError(
+            f"{label}: only {distinct} of {len(rows)} distinct inputs give outputs that differ "
+            f"by more than {100 * ATOL:g}; the benchmark's output check would not catch "
+            "rows mixed up between jobs"
+        )
+
+
 def _error(got: Any, want: Array) -> float:
     got = np.asarray(got, dtype=np.float32)
     if got.shape != want.shape:
