@@ -51,17 +51,16 @@ from predictq.settings import Settings
 from workers.device import configure_devices
 backend, path = sys.argv[1], sys.argv[2]
 configure_devices(Settings.from_env({**os.environ, "PREDICTQ_KERAS_BACKEND": backend}))
-from bench.scenarios import raw
+from bench.scenarios import check_distinguishes, raw
 from workers.model import load_model
 model = load_model(path)
 def outputs(x):
     return np.concatenate([model([x[i : i + 256]])[0] for i in range(0, len(x), 256)])
-for name in sys.argv[3:]:
-    np.save(name + ".y.npy", outputs(np.load(name)))
-from bench.scenarios import check_distinguishes
-y = np.load(sys.argv[3] + ".y.npy")
-check_distinguishes(path, y)
-best, batch1_ms, alone_ms = raw(path, np.load(sys.argv[3]), y, backend)
+ys = {name: outputs(np.load(name)) for name in sys.argv[3:]}
+for name, y in ys.items():
+    np.save(name + ".y.npy", y)
+check_distinguishes(path, ys[sys.argv[3]])
+best, batch1_ms, alone_ms = raw(path, np.load(sys.argv[3]), ys[sys.argv[3]], backend)
 print("RAW", json.dumps({"result": best.as_dict(), "batch": best.samples // best.jobs,
                          "batch1_ms": batch1_ms, "alone_ms": alone_ms}))
 """
