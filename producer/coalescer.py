@@ -261,10 +261,8 @@ class Coalescer(Generic[T]):
         the cap (module docstring, "Refilling"; caller holds _lock, after ``_over_cap``)."""
         if not self._open or self._unanswered > self._cap():
             return False
-        # The jobs coming back are the answered message's (closed-loop callers
-        # submit again): wait for all of them, not for as many as the newest
-        # carries. Two messages of 18 and 14 jobs would otherwise leave 4 jobs
-        # behind each time, held until the next answer, with the worker idle.
+        # Sized by the answered message, whose callers are the ones submitting
+        # again (module docstring, "Refilling": why not the newest's size).
         size = self._answered_size
         if size < REFILL_MIN_JOBS:  # none answered yet, or a small one: growing
             size = next(reversed(self._open)).size
