@@ -116,10 +116,12 @@ def predictq_worker(
     *,
     concurrency: int,
     extra_env: dict[str, str],
+    start_timeout_s: float = 180.0,
 ) -> Worker:
     """`predictq worker` (threads pool) with the given settings; waits until ready.
 
     ``model_path`` None: the model(s) come from ``extra_env`` (a model repository).
+    ``start_timeout_s``: how long it may take to load and warm up.
     """
     env = base_env(
         PREDICTQ_BROKER_URL=broker,
@@ -144,7 +146,7 @@ def predictq_worker(
         "predictq",
     )
     client = redis.Redis.from_url(backend)
-    give_up = time.monotonic() + 180
+    give_up = time.monotonic() + start_timeout_s
     while not any(r.get("pid") == worker.process.pid for r in read_records(client)):
         if worker.process.poll() is not None or time.monotonic() > give_up:
             raise RuntimeError(f"predictq worker did not start:\n{worker.log_tail()}")

@@ -191,6 +191,15 @@ class SettingsFields:
     gpu_memory_limit_mb: int | None = field(
         default=None, metadata={"help": "Cap this process's GPU memory (MiB); unset = no cap."}
     )
+    gpu_tf32: bool = field(
+        default=False,
+        metadata={
+            "help": "Let float32 matrix products and convolutions on an NVIDIA GPU round their "
+            "inputs to TF32 (faster on large models, but a job's outputs then move with the "
+            "size of the batch it lands in: up to 4.6e-2 for MobileNetV2 on an H200); off = "
+            "full float32 (README, Deployment)."
+        },
+    )
     intra_op_threads: int | None = field(
         default=None,
         metadata={

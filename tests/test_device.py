@@ -190,3 +190,43 @@ def test_tensorflow_thread_pools_sleep_between_ops_when_spinning_is_turned_off(
         check=True,
     )
     assert f"disabled: {disabled}" in out.stdout, out.stderr[-2000:]
+
+
+TF32_PROBE = """
+import os, sys
+from predictq.settings import Settings
+from workers.device import configure_devices
+backend = sys.argv[1]
+configure_devices(Settings.from_env({**os.environ, "PREDICTQ_KERAS_BACKEND": backend}))
+if backend == "tensorflow":
+    import tensorflow as tf
+    print("tf32:", tf.config.experimental.tensor_float_32_execution_enabled())
+elif backend == "jax":
+    import jax
+    print("tf32:", jax.config.jax_default_matmul_precision != "float32")
+else:
+    import torch
+    print("tf32:", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+"""
+
+
+@pytest.mark.parametrize("backend", backends.ALL)
+@pytest.mark.parametrize("setting", [None, "true"])
+def test_float32_stays_float32_on_a_gpu_unless_tf32_is_allowed(
+    backend: str, setting: str | None
+) -> None:
+    # Every framework's own default lets (some) float32 ops on an NVIDIA GPU round
+    # their inputs to TF32, which makes a job's outputs depend on its batch's size
+    # (README, GPUs). The switches are the same on a CPU, where they change nothing.
+    extra = {} if setting is None else {"PREDICTQ_GPU_TF32": setting}
+    out = subprocess.run(
+        [sys.executable, "-c", TF32_PROBE, backend],
+        env=base_env(CUDA_VISIBLE_DEVICES="", **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    allowed = setting is not None
+    expected = f"{allowed} {allowed}" if backend == "torch" else f"{allowed}"
+    assert f"tf32: {expected}\n" in out.stdout, out.stderr[-2000:]

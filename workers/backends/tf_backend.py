@@ -8,7 +8,9 @@ its concrete function serves batches of any size.
 Device settings must be applied before TensorFlow touches a device (the first
 op or model load): memory growth and memory limits cannot be changed once a GPU
 is initialized. ``CUDA_VISIBLE_DEVICES`` is honoured as is, because TensorFlow
-reads it itself; predictq never overrides it.
+reads it itself; predictq never overrides it. TensorFlow runs float32 matrix
+products and convolutions in TF32 on NVIDIA GPUs by default; predictq turns
+that off unless ``PREDICTQ_GPU_TF32`` is on (README, Deployment).
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class TensorflowBackend(Backend):
             _disable_thread_spinning()
         if settings.inter_op_threads is not None:
             tf.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+        tf.config.experimental.enable_tensor_float_32_execution(settings.gpu_tf32)
 
         # Listing devices does not initialize the runtime: thread counts can still change.
         gpus = tf.config.list_physical_devices("GPU")

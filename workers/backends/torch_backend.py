@@ -11,7 +11,9 @@ current CUDA device); ``PREDICTQ_GPU_MEMORY_LIMIT_MB`` becomes
 ``torch.cuda.set_per_process_memory_fraction``; PyTorch's caching allocator
 always grows on demand, so ``PREDICTQ_GPU_MEMORY_GROWTH`` changes nothing;
 the thread settings are ``torch.set_num_threads`` and
-``torch.set_num_interop_threads``.
+``torch.set_num_interop_threads``. ``PREDICTQ_GPU_TF32`` sets both of
+PyTorch's TF32 switches (matrix products, and cuDNN's convolutions, which
+PyTorch runs in TF32 by default); off, float32 is float32 on every op.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(settings.intra_op_threads)
         if settings.inter_op_threads is not None:
             torch.set_num_interop_threads(settings.inter_op_threads)
+        torch.backends.cuda.matmul.allow_tf32 = settings.gpu_tf32
+        torch.backends.cudnn.allow_tf32 = settings.gpu_tf32
         has_gpu = torch.cuda.is_available()
         if settings.device == "gpu" and not has_gpu:
             raise ConfigError(
