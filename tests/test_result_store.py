@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from predictq.celeryconf import celery_config
-from predictq.codec import loads_result, register_serializer
+from predictq.codec import CONTENT_TYPE, loads_result, register_serializer
 from predictq.errors import InvalidInput
 from predictq.settings import Settings
 from predictq_ops.redis_server import RedisServer
@@ -25,6 +25,7 @@ from workers.results import (
     JobOutcome,
     refusal_request,
     result_backend,
+    set_model_version,
     store_job_outcomes,
 )
 
@@ -135,6 +136,38 @@ def test_records_read_exactly_as_celerys_own_for_a_single_job(
         assert repr(a) == repr(b)
     assert record(db, backend, "many-bad")["traceback"] is None
     assert db.ttl(backend.get_key_for_task("many-bad")) <= 60  # result_failure_expires
+
+
+def test_each_success_of_a_message_gets_its_own_result_id_version_and_format(
+    backend: Any, db: redis.Redis
+) -> None:
+    # Records after a message's first success are copies of it (workers/results.py):
+    # mixed formats, versions and failures must not leak from one job to another.
+    x = np.arange(6, dtype=np.float32).reshape(6, 1)
+    jobs = [
+        JobOutcome("m-0", x[0:1], False, 1),
+        JobOutcome("m-1", x[1:2].tolist(), True, 1),
+        JobOutcome("m-2", InvalidInput("bad"), False),
+        JobOutcome("m-3", x[3:4], False, 2),
+        JobOutcome("m-4", x[4:5], False),
+        JobOutcome("m-5", x[5:6].tolist(), True, 7),
+        JobOutcome("m-6", x[5:6], False),
+    ]
+    store_job_outcomes(backend, jobs)
+    for o in jobs:
+        request = refusal_request("application/json" if o.json_result else CONTENT_TYPE)
+        request.id = f"one-{o.job_id}"
+        if o.model_version is not None:
+            set_model_version(request, o.model_version)
+        state = "FAILURE" if isinstance(o.outcome, Exception) else "SUCCESS"
+        backend.store_result(request.id, o.outcome, state, request=request)
+        many, one = record(db, backend, o.job_id), record(db, backend, request.id)
+        assert many.pop("task_id") == o.job_id and one.pop("task_id") == request.id
+        assert many.get("model_version") == o.model_version
+        many.pop("date_done"), one.pop("date_done")
+        assert repr(many) == repr(one), o.job_id
+        raw = db.get(backend.get_key_for_task(o.job_id))
+        assert raw is not None and (raw[:1] == b"{") == o.json_result
 
 
 def test_a_stored_success_is_never_overwritten_and_the_others_are_written(

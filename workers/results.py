@@ -223,7 +223,11 @@ class _PredictqRecords:
         the backend's retry policy around each round trip, then
         ``result_backend_always_retry`` around the whole.
         """
-        records = [self._record(o) for o in outcomes]
+        # A success's record differs from another's of the same message only in
+        # its result, id and model version (the format is the encoder's): Celery
+        # builds the first (with a version, and without), the others copy it.
+        templates: dict[bool, dict[str, Any]] = {}
+        records = [self._record(o, templates) for o in outcomes]
         self._ensure_retryable(  # type: ignore[attr-defined]
             self._store_records,
             records,
@@ -231,22 +235,27 @@ class _PredictqRecords:
             fallback_msg="failed to store results on the backend",
         )
 
-    def _record(self, o: JobOutcome) -> tuple[str, str | bytes, str]:
-        request = Context({JSON_RESULT: o.json_result, "id": o.job_id})
-        if o.model_version is not None:
-            set_model_version(request, o.model_version)
+    def _record(
+        self, o: JobOutcome, templates: dict[bool, dict[str, Any]] | None = None
+    ) -> tuple[str, str | bytes, str]:
+        templates = {} if templates is None else templates
+        kind = o.model_version is not None
         outcome = o.outcome
         for _ in range(2):
             failed = isinstance(outcome, BaseException)
             state = states.FAILURE if failed else states.SUCCESS
-            trace = None
-            if isinstance(outcome, BaseException) and self._tracebacks:
-                trace = "".join(tb.format_exception(outcome))
             token = _storing_json.set(o.json_result)
             try:
                 result = self.encode_result(outcome, state)  # type: ignore[attr-defined]
-                meta = self._get_result_meta(result, state, trace, request)
-                meta["task_id"] = o.job_id
+                template = None if failed else templates.get(kind)
+                if template is not None:
+                    meta = {**template, "result": result, "task_id": o.job_id}
+                    if o.model_version is not None:
+                        meta[MODEL_VERSION_FIELD] = o.model_version
+                else:
+                    meta = self._meta(o, result, state, outcome)
+                    if not failed:
+                        templates[kind] = meta
                 value = self.encode(meta)
             finally:
                 _storing_json.reset(token)
@@ -260,6 +269,18 @@ class _PredictqRecords:
             )
         key = self.get_key_for_task(o.job_id)  # type: ignore[attr-defined]
         return key, value, state
+
+    def _meta(self, o: JobOutcome, result: Any, state: str, outcome: object) -> dict[str, Any]:
+        """The record Celery builds for ``o``'s task with ``result`` in ``state``."""
+        request = Context({JSON_RESULT: o.json_result, "id": o.job_id})
+        if o.model_version is not None:
+            set_model_version(request, o.model_version)
+        trace = None
+        if isinstance(outcome, BaseException) and self._tracebacks:
+            trace = "".join(tb.format_exception(outcome))
+        meta: dict[str, Any] = self._get_result_meta(result, state, trace, request)
+        meta["task_id"] = o.job_id
+        return meta
 
     def _store_records(self, records: list[tuple[str, str | bytes, str]]) -> None:
         failures = [key for key, _, state in records if state == states.FAILURE]
