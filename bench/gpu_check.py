@@ -138,12 +138,12 @@ def serve(
 ) -> tuple[list[Row], str]:
     """Storm, idle and bulk through ``count`` workers; rows and their GPU memory.
 
-    Every output is checked against ``raw``'s: the same compiled model on the same
-    device, in a process of its own.
+    ``raw``: the inputs, and their outputs from the same compiled model on the same
+    device in a process of its own, which every output is checked against.
     """
     queue = f"gpu-{m.name}-{count}-{len(env)}"
     best = int(raw["batch"])
-    x, xb = m.inputs(args.storm_jobs, seed=1), bulk_inputs(m, args)
+    x, xb = raw["inputs"]["storm"], raw["inputs"]["bulk"]
     expected, expected_bulk = raw["outputs"]["storm"], raw["outputs"]["bulk"]
     rows: list[Row] = []
     with (
@@ -296,6 +296,7 @@ def main() -> None:
             x = m.inputs(args.storm_jobs, seed=1)
             inputs = {"storm": x, "bulk": bulk_inputs(m, args)}
             raw = raw_in("jax", m, tmp, {"PREDICTQ_DEVICE": DEVICE}, inputs)
+            raw["inputs"] = inputs
             r, best = raw["result"], int(raw["batch"])
             vs_cpu = float(np.max(np.abs(raw["outputs"]["storm"] - reference(m.path, x))))
             rows.append(

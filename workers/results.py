@@ -236,9 +236,8 @@ class _PredictqRecords:
         )
 
     def _record(
-        self, o: JobOutcome, templates: dict[bool, dict[str, Any]] | None = None
+        self, o: JobOutcome, templates: dict[bool, dict[str, Any]]
     ) -> tuple[str, str | bytes, str]:
-        templates = {} if templates is None else templates
         kind = o.model_version is not None
         outcome = o.outcome
         for _ in range(2):
