@@ -76,9 +76,8 @@ def run_model(
     queue = f"bench-{m.name}"
     x = m.inputs(args.storm_jobs, seed=1)
     expected = reference(m.path, x)
-    raw_result, batch1_ms, alone_ms = raw(
-        m.path, m.inputs(4096, seed=2), reference(m.path, m.inputs(4096, seed=2)), m.name
-    )
+    x_raw = m.inputs(4096, seed=2)
+    raw_result, batch1_ms, alone_ms = raw(m.path, x_raw, reference(m.path, x_raw), m.name)
     results.append(raw_result)
     best_batch = raw_result.samples // raw_result.jobs
     print(
