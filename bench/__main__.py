@@ -150,7 +150,17 @@ def run_model(
                     in_flight=args.in_flight,
                 )
 
-            closed_loop(m.name, "warm-up", predict_one, expected, jobs=100, threads=8)
+            # Warm-up in the storms' own shapes. A worker's first seconds of a
+            # storm run slower than the rest (measured, conv net: 5.5 ms per
+            # device call in the first 4,000 jobs, 4.2 after; each new batch
+            # size's first call alone costs ~6 ms more on CPU), which a short,
+            # 8-thread warm-up left to the first storm round to pay.
+            warm_jobs = args.storm_jobs // 10
+            closed_loop(
+                m.name, "warm-up", predict_one, expected, jobs=warm_jobs, threads=args.threads
+            )
+            closed_loop(m.name, "warm-up", noop_one, expected, jobs=200, threads=args.threads)
+            asyncio_round(0, warm_jobs // 2)
             # The per-message ceiling and the storms, interleaved in rounds on
             # the same worker, so all see the same minutes of machine noise
             # (back-to-back runs of either vary by +-20% on a shared 2-core box).

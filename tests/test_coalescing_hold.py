@@ -176,6 +176,38 @@ def test_a_caller_that_got_its_result_before_the_callbacks_ran_is_not_held() -> 
     assert coalescer.held == 0
 
 
+class CountingDone(Future[Any]):
+    """A result future that counts how often ``done()`` is asked."""
+
+    polls = 0
+
+    def done(self) -> bool:
+        CountingDone.polls += 1
+        return super().done()
+
+
+def test_a_held_submit_looks_at_two_answers_of_a_message_in_flight_not_all() -> None:
+    send = Recorder()
+    coalescer = coalescer_for(send, cap=1)
+    first = Future[Any]()
+    coalescer.submit(held_ticket(0, first))
+    answers = [CountingDone() for _ in range(12)]
+    for i, answer in enumerate(answers, start=1):  # held behind [0]
+        coalescer.submit(held_ticket(i, answer))
+    first.set_result({})
+    assert send.wait_messages(2)[1] == list(range(1, 13))
+    # The 12-job message is in flight, unanswered: each job held behind it
+    # polls its first and last answers only (it used to poll all 12).
+    CountingDone.polls = 0
+    for i in range(13, 18):
+        coalescer.submit(held_ticket(i, Future()))
+    assert queued(coalescer) == 5
+    assert 0 < CountingDone.polls <= 2 * 5
+    # A middle answer done before its callbacks ran is still caught by its callback.
+    answers[5].set_result({})
+    assert send.wait_messages(3)[2] == [13, 14, 15, 16, 17]
+
+
 def test_a_release_sends_one_message_within_the_bounds_and_the_rest_wait_for_the_next() -> None:
     send = Recorder()
     coalescer = coalescer_for(send, max_jobs=2)
