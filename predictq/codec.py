@@ -21,6 +21,7 @@ and pickle is never involved.
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 import re
 from typing import Any, Final
@@ -51,12 +52,19 @@ _KIND_NAMES: Final = "bool, int, uint or float"
 def describe(value: object) -> str:
     """A short human description of a value, for error messages."""
     if isinstance(value, np.ndarray):
-        return f"array of dtype {value.dtype} and shape {tuple(value.shape)}"
+        return _array_description(value.dtype, value.shape)
     if isinstance(value, dict):
         return f"dict with keys {sorted(map(str, value))[:8]}"
     if isinstance(value, list | tuple):
         return f"{type(value).__name__} of length {len(value)}"
     return type(value).__name__
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_description(dtype: np.dtype[Any], shape: tuple[int, ...]) -> str:
+    # Every job's input is described (its argsrepr), and str(dtype) runs numpy's
+    # Python-level naming code: ~10 us a job in a storm's producer, once per kind here.
+    return f"array of dtype {dtype} and shape {tuple(shape)}"
 
 
 def check_dtype(dtype: np.dtype[Any], where: str = "array") -> None:

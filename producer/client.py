@@ -214,8 +214,7 @@ class PredictionClient(AsyncCalls):
             self._collector.fail(job.job_id, error)
             self._slots.release()
             return
-        # Republished (if lost) with a fresh PREDICTQ_SUBMIT_TIMEOUT_S of its own.
-        self._unfinished[job.job_id] = dataclasses.replace(job, give_up=None)
+        self._unfinished[job.job_id] = job
         self._recovery.track(job.job_id)
         future.add_done_callback(lambda _f: self._finished(job.job_id))
 
@@ -242,7 +241,8 @@ class PredictionClient(AsyncCalls):
     def _republish(self, job_id: str) -> None:
         job = self._unfinished.get(job_id)
         if job is not None:
-            self._sender.publish([job])  # alone, under its own id
+            # Alone, under its own id, with a fresh PREDICTQ_SUBMIT_TIMEOUT_S of its own.
+            self._sender.publish([dataclasses.replace(job, give_up=None)])
 
     def predict(
         self,

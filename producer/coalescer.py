@@ -158,6 +158,7 @@ class Coalescer(Generic[T]):
         if batch is None:
             if not ticket.waiting:
                 return
+            assert ticket._wake is not None  # a waiting ticket has one
             ticket._wake.wait()
             batch = ticket._lead
             if batch is None:
@@ -231,6 +232,7 @@ class Coalescer(Generic[T]):
         if successor is None:
             return False
         successor._lead = batch
+        assert successor._wake is not None  # a waiting ticket has one
         successor._wake.set()
         return True
 

@@ -47,7 +47,8 @@ class Ticket(Generic[T]):
         self.answer = answer
         self.queued_at = 0.0
         self._on_sent = on_sent
-        self._wake = threading.Event()
+        # Only a waiting ticket's thread is ever woken (to lead, or once published).
+        self._wake = threading.Event() if waiting else None
         self._lead: list[Ticket[T]] | None = None
 
     def _resolve(self, error: BaseException | None) -> None:
@@ -60,7 +61,8 @@ class Ticket(Generic[T]):
             self.sent.set_result(None)
         else:
             self.sent.set_exception(error)
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
 
 class Message:
