@@ -1,4 +1,8 @@
-"""The prediction task's worker request: Flower shows which model version computed a job.
+"""The worker's requests: payloads decoded once, and the model version in Flower.
+
+``DecodedPayloadRequest`` (both predictq tasks) hands the payload the guard
+decoded to the task's thread instead of the raw body. ``PredictRequest`` adds
+which model version computed a job, for Flower:
 
 Flower displays a fixed set of task fields, filled from Celery's events, and no
 field of a stored result but ``result`` itself, which it takes from the
@@ -29,8 +33,29 @@ def record_served(task_id: str, model: str, version: int) -> None:
         _served[task_id] = f"model {model!r} version {version}"
 
 
-class PredictRequest(Request):  # type: ignore[misc]
-    """Celery's request, whose ``task-succeeded`` result names the model version."""
+class DecodedPayloadRequest(Request):  # type: ignore[misc]
+    """Celery's request, carrying its message's decoded payload to the pool.
+
+    Celery's pool decodes a message's body again in the thread that runs the
+    task (``trace_task_ret``/``fast_trace_task``, written for prefork children,
+    which receive the raw bytes), so a coalesced message of 15 images was
+    decoded twice, once on the consumer's thread and once on the task's. Every
+    message reaching a request has been decoded by the guard (workers/guard.py;
+    kombu caches the result on the message), and Celery's own strategy hands
+    such payloads over the same way (``decoded=True``) for the messages it
+    converts itself.
+    """
+
+    def __init__(
+        self, message: Any, *args: Any, body: Any = None, decoded: bool = False, **kwargs: Any
+    ) -> None:
+        if not decoded and (body is None or body is message.body):
+            body, decoded = message.payload, True
+        super().__init__(message, *args, body=body, decoded=decoded, **kwargs)
+
+
+class PredictRequest(DecodedPayloadRequest):
+    """A prediction's request, whose ``task-succeeded`` result names the model version."""
 
     def send_event(self, type: str, **fields: Any) -> None:
         if type in ("task-succeeded", "task-failed"):

@@ -41,7 +41,7 @@ from workers import metrics
 from workers.app import app
 from workers.carriers import run_carrier
 from workers.lifecycle import current_runtime
-from workers.requests import PredictRequest, record_served
+from workers.requests import DecodedPayloadRequest, PredictRequest, record_served
 from workers.results import JSON_RESULT, json_outputs, sent_ndarray_maps, set_model_version
 from workers.runtime import JobContext
 
@@ -143,6 +143,7 @@ def _predict(self: PredictTask, *args: Any, **kwargs: Any) -> object:
 class CarrierTask(Task):  # type: ignore[misc]
     """Base of the coalesced-message task: late acks; jobs are counted one by one."""
 
+    Request = DecodedPayloadRequest
     throws = (InvalidInput,)
     acks_late = True
     reject_on_worker_lost = True
