@@ -64,7 +64,7 @@ def describe(value: object) -> str:
 def _array_description(dtype: np.dtype[Any], shape: tuple[int, ...]) -> str:
     # Every job's input is described (its argsrepr), and str(dtype) runs numpy's
     # Python-level naming code: ~10 us a job in a storm's producer, once per kind here.
-    return f"array of dtype {dtype} and shape {tuple(shape)}"
+    return f"array of dtype {dtype} and shape {shape}"
 
 
 def check_dtype(dtype: np.dtype[Any], where: str = "array") -> None:
