@@ -288,6 +288,36 @@ def test_announced_jobs_that_fill_a_batch_run_before_the_announcement_ends(make:
     assert [o[0, 0] for o in outputs] == [0, 2, 4, 6]
 
 
+def test_a_full_batch_wakes_the_device_thread_after_earlier_batches_were_taken(
+    make: Any,
+) -> None:
+    # submit keeps a running count of the queued samples (summing the queue on
+    # every submit made a message's submits quadratic): it must follow what the
+    # device thread takes, or a full batch would wait for the announcement to end.
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = make(model, max_batch_size=4, batch_wait_ms=10_000)
+
+    def queued_matches() -> bool:
+        with batcher._cond:
+            return batcher._queued == sum(p.n for p in batcher._queue)
+
+    with batcher.announce():
+        futures = [batcher.submit([rows(i, 1)]) for i in range(4)]
+        assert model.entered.wait(5), "the first full batch waited for the announcement"
+        # While the first batch computes: two jobs, one of them of two rows.
+        futures += [batcher.submit([rows(4, 1)]), batcher.submit([rows(5, 2)])]
+        assert queued_matches()
+        gate.set()
+        wait_for(lambda: batcher._filling == 3, 5, "the device thread to fill the next batch")
+        assert queued_matches()
+        futures.append(batcher.submit([rows(7, 1)]))  # 3 + 1: a full batch
+        outputs = [f.result(5)[0] for f in futures]
+        assert queued_matches()
+    assert model.batches == [4, 4]
+    assert np.concatenate(outputs)[:, 0].tolist() == [2.0 * i for i in range(8)]
+
+
 def test_announced_jobs_all_join_the_batch_the_first_one_starts(make: Any) -> None:
     model = FakeModel()
     batcher = make(model, max_batch_size=64, batch_wait_ms=10_000)

@@ -60,6 +60,7 @@ from workers.pieces import (
     Request,
     RunFn,
     joined_inputs,
+    oom_halves,
     split_outputs,
     take_compatible,
 )
@@ -95,17 +96,16 @@ class Batcher:
         # Metrics only: cheap, in memory, never raise (they run on the device thread).
         self._on_batch = on_batch
         self._on_isolate = on_isolate
-        # _cond guards _queue, _tasks, _incoming and _closed. Invariant: a piece
-        # (or device task) enters its queue only while not _closed, and leaves
-        # it only on the device thread, so after close() + join() nothing can
-        # be left pending.
+        # _cond guards _queue, _queued, _tasks, _incoming and _closed. Invariant: a piece (or
+        # device task) enters its queue only while not _closed, and leaves it only on the
+        # device thread, so after close() + join() nothing can be left pending.
         self._cond = threading.Condition()
         self._queue: deque[Piece] = deque()
+        self._queued = 0  # samples in _queue: a message's submits must not each sum it
         self._tasks: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._incoming = 0
-        # The device thread's wait, for ``submit`` to wake it only when needed:
-        # True while it waits for a first piece; the samples of the batch it is
-        # filling while it waits for more (0 otherwise).
+        # The device thread's wait, for ``submit`` to wake it only when needed: idle
+        # for a first piece, or filling a batch of that many samples (0: not).
         self._idle = False
         self._filling = 0
         self._closed = False
@@ -187,14 +187,11 @@ class Batcher:
                 raise Requeue("the worker process is stopping and takes no new jobs")
             self._arrivals.arrived(request.submitted_at)
             self._queue.extend(pieces)
+            self._queued += n
             # While jobs are announced, a device thread filling a batch waits for
             # them to end (``announce`` notifies) or for a full batch: waking it
             # for every job of a coalesced message costs a thread switch each.
-            if (
-                self._idle
-                or not self._incoming
-                or self._filling + sum(p.n for p in self._queue) >= self._max
-            ):
+            if self._idle or not self._incoming or self._filling + self._queued >= self._max:
                 self._cond.notify_all()
         return request.future
 
@@ -266,6 +263,7 @@ class Batcher:
         with self._cond:
             pending = list(self._queue)
             self._queue.clear()
+            self._queued = 0
             tasks = list(self._tasks)
             self._tasks.clear()
         for piece in pending:
@@ -303,12 +301,15 @@ class Batcher:
                 self._idle = False
             first = self._queue.popleft()
             batch, samples = [first], first.n
+            self._queued -= samples
             if first.isolated:
                 return batch
             self._arrivals.new_batch()
             wait_until = time.monotonic() + self._wait_s
             while samples < self._max:
+                before = samples
                 samples, self._queue = take_compatible(self._queue, batch, samples, self._max)
+                self._queued -= samples - before
                 now = time.monotonic()
                 wait_s = self._arrivals.wait_s(self._incoming, now, wait_until - now)
                 if samples >= self._max or wait_s <= 0:
@@ -359,12 +360,8 @@ class Batcher:
             piece.request.deliver(piece.offset, outs)
 
     def _on_oom(self, pieces: list[Piece], error: DeviceOutOfMemory) -> None:
-        if len(pieces) > 1:
-            mid = len(pieces) // 2
-            halves: tuple[list[Piece], ...] = (pieces[:mid], pieces[mid:])
-        elif pieces[0].n > 1:
-            halves = tuple([h] for h in pieces[0].halves())
-        else:
+        halves = oom_halves(pieces)
+        if halves is None:
             pieces[0].request.fail(
                 DeviceOutOfMemory(f"one sample of this job does not fit in device memory: {error}")
             )

@@ -91,6 +91,17 @@ class BatchStats:
     labels: tuple[str, str] = ("", "")
 
 
+def oom_halves(pieces: list[Piece]) -> tuple[list[Piece], ...] | None:
+    """A batch's two halves to retry after running out of memory (a lone piece's rows
+    split in two); None for a single sample, which cannot be split."""
+    if len(pieces) > 1:
+        mid = len(pieces) // 2
+        return pieces[:mid], pieces[mid:]
+    if pieces[0].n > 1:
+        return tuple([h] for h in pieces[0].halves())
+    return None
+
+
 def joined_inputs(pieces: list[Piece]) -> list[Array]:
     """One array per model input holding every piece's samples, in order."""
     if len(pieces) == 1:
