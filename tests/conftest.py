@@ -53,6 +53,17 @@ def mlp_path(model_dir: Path) -> str:
     return models.build_mlp(str(model_dir / "mlp.keras"))
 
 
+@pytest.fixture()
+def hang_model(tmp_path: Path) -> Iterator[models.HangModel]:
+    """The MLP with a gate (models.build_hang_model), its gate file in place."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    yield models.HangModel(
+        gate, models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate))
+    )
+    gate.unlink(missing_ok=True)  # releases a call still blocked in a worker being stopped
+
+
 @pytest.fixture(scope="session")
 def mlp_worker(redis_server: RedisServer, mlp_path: str) -> Iterator[WorkerProcess]:
     """A real threads-pool worker (concurrency 16) serving the MLP, shared by many tests."""

@@ -40,7 +40,7 @@ from tests.support.cluster import (
     victim_and_heir,
 )
 from tests.support.coalescing import HeldPublish, queued, submit_together
-from tests.support.layers import POISON
+from tests.support.layers import HANG, POISON
 from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
@@ -407,12 +407,20 @@ def test_a_poison_job_in_a_coalesced_message_fails_alone_and_its_neighbours_comp
 
 @pytest.mark.slow
 def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_correct(
-    own_redis: RedisServer, mlp_path: str
+    own_redis: RedisServer, hang_model: models.HangModel
 ) -> None:
     xs = np.random.default_rng(97).random((32 * 40, 1, F), dtype=np.float32)
+    # Caller 8's 20th job blocks its device call until the gate opens: the
+    # worker dies holding coalesced messages whatever the machine's speed.
+    xs[8 * 40 + 20, 0, 0] = HANG
+    path = hang_model.path
     with (
-        victim_and_heir(own_redis, mlp_path, visibility_timeout_s=4) as (first, heir),
-        client_on(own_redis, visibility_timeout_s=4) as client,
+        victim_and_heir(own_redis, path, visibility_timeout_s=4, env=models.HANG_IMPORTS) as (
+            first,
+            heir,
+        ),
+        # Room for every job: those behind the marked one wait while it blocks.
+        client_on(own_redis, visibility_timeout_s=4, max_in_flight=2048) as client,
     ):
         # 32 callers, 40 jobs each: caller i submits rows [40 i, 40 i + 40).
         def caller(i: int) -> list[Job]:
@@ -421,13 +429,22 @@ def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_
         with ThreadPoolExecutor(32) as pool:
             jobs = [job for row in pool.map(caller, range(32)) for job in row]
         assert client._coalescer.messages < client._coalescer.jobs
-        jobs[0].get(timeout=120)
+        wait_for(hang_model.started, 60, "the marked job's device call to start")
+
+        def held() -> list[dict[str, Any]]:
+            with own_redis.client() as r:
+                return [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
+
+        # What only late acks and the visibility timeout bring back: the
+        # coalesced messages the worker holds (it keeps reserving while blocked).
+        wait_for(
+            lambda: any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held()),
+            60,
+            "the blocked worker to hold a coalesced message",
+        )
         first.kill()  # SIGKILL: coalesced messages queued, reserved and running
         assert any(not j.done() for j in jobs)
-        # What only late acks and the visibility timeout bring back: the
-        # coalesced messages the dead worker held.
-        with own_redis.client() as r:
-            held = [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
-        assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held)
+        assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held())
+        hang_model.gate.unlink()
         heir.start().wait_ready()
-        assert_all_correct(jobs, xs, mlp_path)
+        assert_all_correct(jobs, xs, path)

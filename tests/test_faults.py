@@ -31,8 +31,8 @@ from tests.support.cluster import (
     victim_and_heir,
     worker_on,
 )
-from tests.support.layers import POISON
-from tests.support.processes import WorkerProcess
+from tests.support.layers import HANG, POISON
+from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
 
@@ -52,22 +52,33 @@ def wait_results(jobs: list[Job], count: int) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_loses_nothing_once_a_new_worker_starts(
-    aof_redis: RedisServer, mlp_path: str
+    aof_redis: RedisServer, hang_model: models.HangModel
 ) -> None:
-    with victim_and_heir(aof_redis, mlp_path, visibility_timeout_s=4) as (first, replacement):
+    # Job 300's device call blocks until its gate opens, so the worker dies with
+    # jobs done, in flight, reserved and still queued, however fast it is: left
+    # to race, a producer slower than its worker (a loaded machine) found
+    # nothing reserved at the kill.
+    path = hang_model.path
+    with victim_and_heir(aof_redis, path, visibility_timeout_s=4, env=models.HANG_IMPORTS) as (
+        first,
+        replacement,
+    ):
         x = inputs(1500)
-        with client_on(aof_redis, visibility_timeout_s=4) as client:
+        x[300, 0, 0] = HANG
+        # Room for every job: those after job 300 wait while it blocks.
+        with client_on(aof_redis, visibility_timeout_s=4, max_in_flight=2048) as client:
             jobs = [client.submit(x[i]) for i in range(len(x))]
             wait_results(jobs, 100)
-            first.kill()  # SIGKILL: jobs are queued, reserved and in flight
-            unfinished = sum(not j.done() for j in jobs)
-            assert unfinished > 0
+            wait_for(hang_model.started, 60, "job 300's device call to start")
+            first.kill()  # SIGKILL
+            assert not jobs[-1].done()
             # Messages the dead worker had reserved: only late acknowledgement
             # and the visibility timeout bring these back (the producer's own
             # recovery leaves jobs that are in this index alone).
             assert aof_redis.client().hlen("unacked") > 0
+            hang_model.gate.unlink()
             replacement.start().wait_ready()
-            assert_all_correct(jobs, x, mlp_path)
+            assert_all_correct(jobs, x, path)
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,31 +46,12 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
 
 
-@dataclass(frozen=True)
-class HangModel:
-    """A model whose device call blocks on a HANG sample while ``gate`` exists."""
-
-    gate: Path
-    path: str
-
-    def started(self) -> bool:
-        return Path(f"{self.gate}.started").exists()
-
-
 #: Short timeouts, so that a hung worker's job comes back within seconds.
 HANG_ENV = {
-    "PREDICTQ_MODEL_IMPORTS": "tests.support.layers",
+    **models.HANG_IMPORTS,
     "PREDICTQ_SHUTDOWN_TIMEOUT_S": "3",
     "PREDICTQ_VISIBILITY_TIMEOUT_S": "3",
 }
-
-
-@pytest.fixture()
-def hang_model(tmp_path: Path) -> Iterator[HangModel]:
-    gate = tmp_path / "gate"
-    gate.touch()
-    yield HangModel(gate, models.build_hang_model(str(tmp_path / "hang.keras"), gate=str(gate)))
-    gate.unlink(missing_ok=True)  # releases a call still blocked in a worker being stopped
 
 
 def ready_records(server: RedisServer) -> list[dict[str, Any]]:
@@ -192,7 +172,7 @@ def test_jobs_queued_behind_a_crashing_device_call_go_back_to_the_queue_at_once(
 
 
 def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_redelivered(
-    private_redis: RedisServer, hang_model: HangModel
+    private_redis: RedisServer, hang_model: models.HangModel
 ) -> None:
     path = hang_model.path
     hung = worker_on(private_redis, path, concurrency=4, name="hung", env=HANG_ENV)
@@ -220,7 +200,7 @@ def test_a_hung_device_call_cannot_keep_a_stopping_worker_alive_and_its_job_is_r
 
 
 def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_redelivered(
-    private_redis: RedisServer, hang_model: HangModel
+    private_redis: RedisServer, hang_model: models.HangModel
 ) -> None:
     path = hang_model.path
     env = {**HANG_ENV, "PREDICTQ_DEVICE_TIMEOUT_S": "2"}
@@ -247,7 +227,7 @@ def test_a_device_call_that_hangs_stops_the_worker_by_itself_and_its_job_is_rede
 
 @pytest.mark.slow
 def test_a_job_that_hangs_the_device_every_time_ends_as_a_poison_job(
-    private_redis: RedisServer, hang_model: HangModel
+    private_redis: RedisServer, hang_model: models.HangModel
 ) -> None:
     path = hang_model.path  # its gate is never released: every attempt hangs
     env = {

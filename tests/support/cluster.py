@@ -109,10 +109,14 @@ class PoisonedWorker:
 
 @contextlib.contextmanager
 def victim_and_heir(
-    server: RedisServer, model_path: str, *, visibility_timeout_s: int
+    server: RedisServer,
+    model_path: str,
+    *,
+    visibility_timeout_s: int,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
     """A ready worker to kill, and one (not started) to take over after; both stopped at the end."""
-    env = {"PREDICTQ_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
+    env = {**(env or {}), "PREDICTQ_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s)}
     victim = worker_on(server, model_path, concurrency=8, name="victim", env=env).start()
     heir = worker_on(server, model_path, concurrency=8, name="heir", env=env)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,21 @@ def build_poison_model(path: str, *, features: int = FEATURES) -> str:
     outputs = keras.layers.Dense(2, name="y")(checked)
     keras.Model(inputs, outputs).save(path)
     return path
+
+
+#: What a worker serving build_hang_model's model needs in its environment.
+HANG_IMPORTS = {"PREDICTQ_MODEL_IMPORTS": "tests.support.layers"}
+
+
+@dataclass(frozen=True)
+class HangModel:
+    """A model whose device call blocks on a HANG sample while ``gate`` exists."""
+
+    gate: Path
+    path: str
+
+    def started(self) -> bool:
+        return Path(f"{self.gate}.started").exists()
 
 
 def build_hang_model(path: str, *, gate: str, features: int = FEATURES) -> str:
