@@ -411,16 +411,29 @@ def test_a_lone_predict_goes_at_once_even_with_a_long_hold_limit(client: Predict
         assert time.monotonic() - started < 10
 
 
-@pytest.fixture()
-def unserved(redis_server: RedisServer) -> Iterator[PredictionClient]:
+def unserved_client(server: RedisServer, hold_ms: float) -> PredictionClient:
     """A client on a queue no worker serves, capped at 1 unanswered message."""
-    with PredictionClient(
-        broker_url=redis_server.url(0),
-        result_backend=redis_server.url(1),
+    return PredictionClient(
+        broker_url=server.url(0),
+        result_backend=server.url(1),
         queue=f"nobody-{uuid.uuid4().hex[:8]}",
         coalesce_max_unanswered=1,
-        coalesce_max_hold_ms=300,
-    ) as client:
+        coalesce_max_hold_ms=hold_ms,
+    )
+
+
+@pytest.fixture()
+def unserved(redis_server: RedisServer) -> Iterator[PredictionClient]:
+    """``unserved_client`` holding jobs 300 ms at most."""
+    with unserved_client(redis_server, 300) as client:
+        yield client
+
+
+@pytest.fixture()
+def unserved_long(redis_server: RedisServer) -> Iterator[PredictionClient]:
+    """``unserved_client`` holding jobs the longest it may (10 s): for tests of what
+    happens to a held job before its hold ends, however slow the machine."""
+    with unserved_client(redis_server, 10_000) as client:
         yield client
 
 
@@ -459,12 +472,13 @@ def test_with_no_worker_a_held_predict_goes_out_after_the_hold_limit(
 
 
 def test_a_held_predict_that_times_out_is_taken_back_unsent_and_frees_its_slot(
-    unserved: PredictionClient,
+    unserved_long: PredictionClient,
 ) -> None:
+    unserved = unserved_long
     x = np.ones((1, F), np.float32)
     unserved.submit(x)  # never held: goes out, and stays unanswered (no worker)
     messages = unserved._coalescer.messages
-    # Its hold (300 ms) outlasts its timeout: still queued when predict gives up.
+    # Its hold (10 s) outlasts its timeout: still queued when predict gives up.
     with pytest.raises(ResultTimeout, match=r"no result within 0\.1s"):
         unserved.predict(x, timeout=0.1)
     assert unserved._coalescer.held == 1
@@ -475,8 +489,9 @@ def test_a_held_predict_that_times_out_is_taken_back_unsent_and_frees_its_slot(
 
 
 def test_submit_is_never_held_and_a_cancelled_held_apredict_is_never_sent(
-    unserved: PredictionClient,
+    unserved_long: PredictionClient,
 ) -> None:
+    unserved = unserved_long
     x = np.ones((1, F), np.float32)
     jobs = [unserved.submit(x) for _ in range(3)]  # each while the previous is unanswered
     assert unserved._coalescer.held == 0

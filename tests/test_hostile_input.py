@@ -24,7 +24,7 @@ from predictq.errors import InvalidInput, InvalidMessage, PayloadTooLarge, Predi
 from predictq_ops.redis_server import RedisServer
 from producer import PredictionClient
 from tests.support import models
-from tests.support.processes import WorkerProcess
+from tests.support.processes import WorkerProcess, wait_for
 
 F = models.FEATURES
 VALID = np.full((2, F), 0.5, np.float32)
@@ -305,6 +305,8 @@ def test_invalid_input_runs_once_and_is_never_retried(
         assert np.allclose(
             client.predict(VALID, timeout=60), models.reference(mlp_path, VALID), atol=1e-5
         )
+    # Counted once its failure is stored (on_failure): the result can come first.
+    wait_for(lambda: _invalid_input_failures(mlp_worker) > before, 10, "the failure to be counted")
     assert _invalid_input_failures(mlp_worker) - before == 1
 
 
