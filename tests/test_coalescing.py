@@ -433,20 +433,17 @@ def test_a_worker_sigkilled_holding_coalesced_messages_every_job_completes_once_
         assert client._coalescer.messages < client._coalescer.jobs
         wait_for(hang_model.started, 60, "the marked job's device call to start")
 
-        def held() -> list[dict[str, Any]]:
+        def holds_a_coalesced_message() -> bool:
             with own_redis.client() as r:
-                return [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
+                held = [json.loads(m)[0]["headers"] for m in r.hvals(UNACKED_KEY)]
+            return any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held)
 
         # What only late acks and the visibility timeout bring back: the
         # coalesced messages the worker holds (it keeps reserving while blocked).
-        wait_for(
-            lambda: any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held()),
-            60,
-            "the blocked worker to hold a coalesced message",
-        )
+        wait_for(holds_a_coalesced_message, 60, "the blocked worker to hold a coalesced message")
         first.kill()  # SIGKILL: coalesced messages queued, reserved and running
         assert any(not j.done() for j in jobs)
-        assert any(h["task"] == PREDICT_JOBS_TASK and len(h[JOBS_HEADER]) > 1 for h in held())
+        assert holds_a_coalesced_message()
         hang_model.gate.unlink()
         heir.start().wait_ready()
         assert_all_correct(jobs, xs, path)
