@@ -114,6 +114,8 @@ def run_model(
         result_timeout_s=120,
         max_in_flight=4096,
     )
+    # The client is this process: its producer threads, collector and encoder.
+    cpu_pids = {"worker": worker.process.pid, "client": os.getpid(), "redis": server.pid}
     try:
         # The per-message ceiling is measured with coalescing off: one job, one
         # Celery message, as every job travelled before coalescing.
@@ -180,17 +182,19 @@ def run_model(
                     ),
                 },
                 rounds=4,
-                counters=worker.metrics,
+                counters=lambda: {**worker.metrics(), **procs.cpu_counters(cpu_pids)},
                 watch=(
                     "predictq_batch_size_jobs_sum",
                     "predictq_batch_size_jobs_count",
                     "predictq_message_jobs_sum",
                     "predictq_message_jobs_count",
                     "predictq_device_seconds_sum",
+                    *CPU_COUNTERS,
                 ),
             )
             noop = by_label["noop (predictq client)"]
             noop.note = f"{args.threads} producer threads, coalescing off, 4 interleaved rounds"
+            noop.note += _cpu_note(grown["noop (predictq client)"], noop.jobs, extra, "noop")
             results.append(noop)
             for label in ("predictq storm", "predictq asyncio storm"):
                 r = by_label[label]
@@ -210,7 +214,7 @@ def run_model(
                 r.note += (
                     f"; {per_message:.1f} jobs per message, {per_call:.1f} per device call, "
                     f"device busy {busy:.0%}"
-                )
+                ) + _cpu_note(g, r.jobs, extra, key)
                 results.append(r)
             noop.peak_rss_mb = worker.peak_rss_mb
             if not noop_done:
@@ -279,6 +283,24 @@ def run_model(
         worker.stop()
     results.append(_naive(m, broker, backend, x, expected, args))
     return extra
+
+
+#: The CPU counters read around each interleaved round (procs.cpu_counters).
+CPU_COUNTERS = ("cpu_worker_s", "cpu_client_s", "cpu_redis_s", "cpu_idle_s", "cpu_all_s")
+
+
+def _cpu_note(grown: dict[str, float], jobs: int, extra: dict[str, float], key: str) -> str:
+    """CPU per job in the worker, this client process and Redis over a scenario's
+    rounds, and the machine's idle share; also recorded in ``extra``."""
+    per_job = {p: grown[f"cpu_{p}_s"] / max(1, jobs) * 1e6 for p in ("worker", "client", "redis")}
+    idle = grown["cpu_idle_s"] / max(grown["cpu_all_s"], 1e-9)
+    for p, us in per_job.items():
+        extra[f"{key}_cpu_{p}_us_per_job"] = round(us, 1)
+    extra[f"{key}_cpu_idle"] = round(idle, 3)
+    return (
+        f"; CPU per job: worker {per_job['worker']:.0f} us, client {per_job['client']:.0f}, "
+        f"Redis {per_job['redis']:.0f}; CPUs {idle:.0%} idle"
+    )
 
 
 def _delta(before: dict[str, float], after: dict[str, float], name: str) -> float:

@@ -96,6 +96,31 @@ class Worker:
                 self.process.wait()
 
 
+def cpu_counters(pids: dict[str, int | None]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each labelled process itself
+    (``cpu_<label>_s``; not its children: the benchmark's client process is the
+    parent of the worker and of Redis), and by the whole machine: ``cpu_idle_s``
+    and ``cpu_all_s`` (idle included), summed over its CPUs.
+
+    Differences of two readings give a scenario's CPU per job in each process,
+    which moves much less with the machine's speed than jobs per second do.
+    A process's threads that have ended stay counted (the kernel adds them to
+    it), so a round's producer threads are included.
+    """
+    totals: dict[str, float] = {}
+    for label, pid in pids.items():
+        used = 0.0
+        if pid is not None:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                used = t.user + t.system
+        totals[f"cpu_{label}_s"] = used
+    machine = psutil.cpu_times()
+    totals["cpu_idle_s"] = machine.idle
+    totals["cpu_all_s"] = sum(machine)
+    return totals
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREDICTQ_")}
     env.update(
