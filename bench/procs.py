@@ -117,7 +117,9 @@ def cpu_counters(pids: dict[str, int | None]) -> dict[str, float]:
         totals[f"cpu_{label}_s"] = used
     machine = psutil.cpu_times()
     totals["cpu_idle_s"] = machine.idle
-    totals["cpu_all_s"] = sum(machine)
+    # Linux counts a guest's time in user (and nice) too: not twice here.
+    guests = getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
+    totals["cpu_all_s"] = sum(machine) - guests
     return totals
 
 
