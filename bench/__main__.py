@@ -7,6 +7,7 @@ Prints a table and the target ratios, and writes bench/results/latest.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -158,6 +159,15 @@ def run_model(
             # size's first call alone costs ~6 ms more on CPU), which a short,
             # 8-thread warm-up left to the first storm round to pay.
             warm_jobs = args.storm_jobs // 10
+            # This process imported TensorFlow for the in-process references:
+            # ~420,000 objects that each full garbage collection would scan
+            # (~190 ms holding the GIL the producer threads need; measured, an
+            # asyncio round's surviving objects set one off in the next storm
+            # round, +100 us of client CPU per job). A client service does not
+            # carry them; as a long-running one that imports much should, the
+            # bench freezes what it holds before measuring (gc.freeze).
+            gc.collect()
+            gc.freeze()
             closed_loop(
                 m.name, "warm-up", predict_one, expected, jobs=warm_jobs, threads=args.threads
             )

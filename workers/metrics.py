@@ -101,6 +101,10 @@ MODEL_LOAD_FAILURES: Final = Counter(
 MODEL_READY: Final = Gauge(
     "predictq_model_ready", "1 once the process serves (its models loaded and warm)."
 )
+GC_FROZEN: Final = Gauge(
+    "predictq_gc_frozen_objects",
+    "Objects in Python's permanent GC generation, which collections skip (PREDICTQ_GC_FREEZE).",
+)
 MODEL_INFO: Final = Info("predictq_model", "A loaded model version.", _MODEL)
 MODEL_COMPILES: Final = Gauge(
     "predictq_model_compiles",
