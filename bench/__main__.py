@@ -161,11 +161,11 @@ def run_model(
             warm_jobs = args.storm_jobs // 10
             # This process imported TensorFlow for the in-process references:
             # ~420,000 objects that each full garbage collection would scan
-            # (~190 ms holding the GIL the producer threads need; measured, an
-            # asyncio round's surviving objects set one off in the next storm
-            # round, +100 us of client CPU per job). A client service does not
-            # carry them; as a long-running one that imports much should, the
-            # bench freezes what it holds before measuring (gc.freeze).
+            # (~190 ms holding the GIL the producer threads need; in a side
+            # harness an asyncio round's surviving objects set one off in the
+            # next storm round: +100 us of client CPU per job in that round). A
+            # client service does not carry them; as a long-running one that
+            # imports much should, the bench freezes what it holds (gc.freeze).
             gc.collect()
             gc.freeze()
             closed_loop(

@@ -5,7 +5,10 @@ loading the models made: ~440,000 objects that CPython's collector tracks
 (measured: the benchmark's conv-net worker). A full (generation 2) collection
 scans every one of them with the GIL held: ~200 ms during which no thread of
 the process runs Python (the consumer, the jobs' threads, the device thread's
-hand-offs), measured once every ~10-20 s of a storm. Those objects live as long
+hand-offs). CPython starts one whenever the objects promoted to its oldest
+generation since the last reach a quarter of those it holds (rare under a
+storm of short jobs: none in 30 s of the benchmark's, measured; more often
+with long-lived per-job state). Those objects live as long
 as the process, or as a model version is served, so once the models are loaded
 and warm the worker freezes them (``gc.freeze``: a permanent generation that no
 collection scans); collections then scan only what was made since.
