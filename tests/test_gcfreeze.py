@@ -7,6 +7,7 @@ import gc
 import weakref
 
 from predictq_ops.redis_server import RedisServer
+from tests.support.cluster import worker_on
 from tests.support.processes import WorkerProcess
 from tests.test_metrics_health import metric_samples, sample_values
 from workers import gcfreeze, metrics
@@ -59,13 +60,8 @@ def test_a_worker_freezes_its_loaded_objects_unless_the_setting_is_off(
     # TensorFlow, Keras, Celery and the model: hundreds of thousands of objects.
     [frozen] = sample_values(metric_samples(mlp_worker.metrics_port), "predictq_gc_frozen_objects")
     assert frozen > 50_000
-    worker = WorkerProcess(
-        broker_url=redis_server.url(0),
-        result_backend=redis_server.url(1),
-        model_path=mlp_path,
-        queue="gc-off",
-        concurrency=2,
-        env={"PREDICTQ_GC_FREEZE": "false"},
+    worker = worker_on(
+        redis_server, mlp_path, queue="gc-off", concurrency=2, env={"PREDICTQ_GC_FREEZE": "false"}
     ).start()
     try:
         worker.wait_ready()
