@@ -160,14 +160,18 @@ class _Answer:
 
     def stored(self, outcomes: list[JobOutcome], *, inputs: list[object]) -> None:
         store_job_outcomes(self._backend, outcomes)
+        succeeded = 0
         for o, raw in zip(outcomes, inputs, strict=True):
             self.answered.add(o.job_id)
             if isinstance(o.outcome, BaseException):
                 self.failed += 1
                 metrics.JOBS.labels(outcome="failure", error_type=type(o.outcome).__name__).inc()
             else:
-                self.succeeded += 1
-                metrics.JOBS.labels(outcome="success", error_type="").inc()
+                succeeded += 1
             # A final outcome: the job's stored input is not needed again.
             if self.runtime is not None and raw is not None:
                 self.runtime.forget_payload(raw, o.job_id)
+        if succeeded:
+            # One labelled child lookup per group, not per job.
+            self.succeeded += succeeded
+            metrics.JOBS.labels(outcome="success", error_type="").inc(succeeded)

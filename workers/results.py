@@ -46,6 +46,7 @@ from kombu.utils import json as kombu_json
 from predictq.codec import CONTENT_TYPE, NDARRAY_KEY, check_dtype, loads_result
 from predictq.errors import PredictionError, PredictqError
 from predictq.modelref import MODEL_VERSION_FIELD
+from predictq.packed import Command, execute_packed
 from predictq.payloads import REF_KEY
 from predictq.sentinel import is_sentinel_url
 
@@ -294,13 +295,14 @@ class _PredictqRecords:
     def _set_many(self, writes: list[tuple[str, str | bytes, str]]) -> None:
         # Not a MULTI: each job's SET comes before its PUBLISH on one connection
         # anyway, and jobs need no atomicity with each other.
-        with self.client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
-            for key, value, state in writes:
-                expires = self.failure_expires if state == states.FAILURE else self.expires  # type: ignore[attr-defined]
-                # SET EX, not Celery's SETEX: redis-py deprecates SETEX (same effect).
-                pipe.set(key, value, ex=int(expires) if expires else None)
-                pipe.publish(key, value)
-            pipe.execute()
+        commands: list[Command] = []
+        for key, value, state in writes:
+            expires = self.failure_expires if state == states.FAILURE else self.expires  # type: ignore[attr-defined]
+            # SET EX, as Celery's SETEX (the same effect).
+            ttl_s = int(expires) if expires else 0
+            commands.append(("SET", key, value, "EX", ttl_s) if ttl_s else ("SET", key, value))
+            commands.append(("PUBLISH", key, value))
+        execute_packed(self.client, commands)  # type: ignore[attr-defined]
 
     def encode(self, data: Any) -> Any:
         if _storing_json.get():
